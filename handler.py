@@ -3,27 +3,29 @@
 Design in one paragraph: every distinct subject pattern has exactly one NATS
 subscription (a ``Topic``), shared by every client that asked for it; the first
 client creates it and the last one to leave removes it.  A NATS message is turned
-into its JSON frame once, in the subscription's callback, and the same string is
+into its JSON frame once, in the subscription's callback, and the same bytes are
 appended to each interested client's bounded outbound queue.  Each client has one
 writer task that drains its queue onto its socket, so a slow socket only ever
 stalls its own writer.  A client whose queue passes its bound is disconnected
-with close code 1013 and everything it held is released.
+with close code 1013 (or, by policy, loses its oldest frames and is told so).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import json
 import logging
+import math
 import secrets
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
 from aiohttp.http_websocket import WSCloseCode
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -34,10 +36,13 @@ logger = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 
-# Close codes (RFC 6455 section 7.4.1); 1013 is "try again later", which is what
-# a slow consumer should do: reconnect once it can keep up.
-CLOSE_GOING_AWAY = int(WSCloseCode.GOING_AWAY)  # 1001
-CLOSE_TRY_AGAIN_LATER = int(WSCloseCode.TRY_AGAIN_LATER)  # 1013
+# Close codes (RFC 6455 section 7.4.1).
+CLOSE_GOING_AWAY = int(WSCloseCode.GOING_AWAY)  # 1001: server shutting down
+CLOSE_POLICY_VIOLATION = int(WSCloseCode.POLICY_VIOLATION)  # 1008: kept flooding
+CLOSE_TRY_AGAIN_LATER = int(WSCloseCode.TRY_AGAIN_LATER)  # 1013: slow consumer
+
+OVERFLOW_DISCONNECT = "disconnect"
+OVERFLOW_DROP_OLDEST = "drop_oldest"
 
 # The example's exact strings are part of the wire protocol.
 MSG_CONNECTED = "Successfully connected"
@@ -69,8 +74,8 @@ def msg_not_subscribed(subject: str) -> str:
 # ---------------------------------------------------------------------------
 
 
-def subject_error(subject: str, max_length: int) -> str | None:
-    """Why ``subject`` is not a valid NATS subscription subject, or None if it is.
+def subject_error(subject: str, max_length: int, wildcards: bool = True) -> str | None:
+    """Why ``subject`` is not a valid NATS subject, or None if it is.
 
     Checked here, before NATS sees it, because nats-server answers an invalid
     SUB with -ERR and drops the whole connection: one bad browser frame would
@@ -87,12 +92,87 @@ def subject_error(subject: str, max_length: int) -> str | None:
     for i, token in enumerate(tokens):
         if token == "":
             return f"Invalid subject {subject!r}: empty token"
+        if token in ("*", ">") and not wildcards:
+            return f"Invalid subject {subject!r}: wildcards are not allowed here"
         if token == ">":
             if i != len(tokens) - 1:
                 return f"Invalid subject {subject!r}: '>' is only allowed as the last token"
         elif token != "*" and ("*" in token or ">" in token):
             return f"Invalid subject {subject!r}: wildcards must be a whole token"
     return None
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """Does the concrete ``subject`` match ``pattern`` (NATS wildcard rules)?"""
+    p, s = pattern.split("."), subject.split(".")
+    for i, token in enumerate(p):
+        if token == ">":
+            return len(s) > i
+        if i >= len(s) or (token != "*" and token != s[i]):
+            return False
+    return len(p) == len(s)
+
+
+def pattern_within(inner: str, outer: str) -> bool:
+    """Is every subject that ``inner`` matches also matched by ``outer``?"""
+    p, q = inner.split("."), outer.split(".")
+    for i, token in enumerate(p):
+        if i >= len(q):
+            return False
+        if q[i] == ">":
+            return True
+        if token == ">" or (q[i] != "*" and (token == "*" or token != q[i])):
+            return False
+    return len(p) == len(q)
+
+
+def patterns_overlap(a: str, b: str) -> bool:
+    """Is there a subject that both patterns match?"""
+    p, q = a.split("."), b.split(".")
+    for i in range(min(len(p), len(q))):
+        if p[i] == ">" or q[i] == ">":
+            return True
+        if p[i] != "*" and q[i] != "*" and p[i] != q[i]:
+            return False
+    return len(p) == len(q)
+
+
+DEFAULT_DENY = ("$SYS.>", "$JS.>", "$KV.>", "$O.>", "_INBOX.>")
+
+
+@dataclass(frozen=True)
+class SubjectPolicy:
+    """Which subjects browsers may follow and publish to."""
+
+    allow: tuple[str, ...] = (">",)
+    deny: tuple[str, ...] = DEFAULT_DENY
+    publish_allow: tuple[str, ...] = ()
+
+    def refusal(self, pattern: str) -> str | None:
+        """Why a subscription to ``pattern`` is refused, or None."""
+        if any(pattern_within(pattern, d) for d in self.deny):
+            return f"Subject {pattern!r} is not allowed: it only matches denied subjects"
+        if not any(patterns_overlap(pattern, a) for a in self.allow):
+            return f"Subject {pattern!r} is not allowed: it matches no allowed subject"
+        return None
+
+    def needs_filter(self, pattern: str) -> bool:
+        """Can ``pattern`` deliver a subject the policy forbids (so each must be checked)?"""
+        return any(patterns_overlap(pattern, d) for d in self.deny) or not any(
+            pattern_within(pattern, a) for a in self.allow
+        )
+
+    def permits(self, subject: str) -> bool:
+        return any(subject_matches(a, subject) for a in self.allow) and not any(
+            subject_matches(d, subject) for d in self.deny
+        )
+
+    def publish_refusal(self, subject: str) -> str | None:
+        if not self.publish_allow:
+            return "Publishing is disabled on this bridge"
+        if not any(subject_matches(p, subject) for p in self.publish_allow) or not self.permits(subject):
+            return f"Publishing to {subject!r} is not allowed"
+        return None
 
 
 # ---------------------------------------------------------------------------
@@ -106,8 +186,8 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(name)
 
 
-def encode_nats_message(msg: Msg) -> str:
-    """The JSON frame for one NATS message, built once and shared by all clients.
+def encode_nats_message(msg: Msg) -> bytes:
+    """The UTF-8 JSON frame for one NATS message, built once and shared by all clients.
 
     A JSON payload is spliced in verbatim (after validation) rather than
     re-serialised: cheaper, and big integers or exact float spellings survive.
@@ -121,7 +201,7 @@ def encode_nats_message(msg: Msg) -> str:
     else:
         try:
             json.loads(text, parse_constant=_reject_constant)
-        except ValueError:
+        except (ValueError, RecursionError):
             body = ',"data":' + json.dumps(text, ensure_ascii=False)
         else:
             body = ',"data":' + text.strip()
@@ -130,11 +210,12 @@ def encode_nats_message(msg: Msg) -> str:
         extra += ',"headers":' + json.dumps(msg.headers, ensure_ascii=False)
     if msg.reply:
         extra += ',"reply":' + json.dumps(msg.reply, ensure_ascii=False)
-    return head + body + extra + "}"
+    # surrogatepass: a lone surrogate escaped in the payload's JSON stays legal.
+    return (head + body + extra + "}").encode("utf-8", "surrogatepass")
 
 
-def dump(frame: dict[str, Any]) -> str:
-    return json.dumps(frame, ensure_ascii=False)
+def dump(frame: dict[str, Any]) -> bytes:
+    return json.dumps(frame, ensure_ascii=False).encode("utf-8", "surrogatepass")
 
 
 def reply(success: bool, message: str, request_id: Any = None, **extra: Any) -> dict[str, Any]:
@@ -145,8 +226,17 @@ def reply(success: bool, message: str, request_id: Any = None, **extra: Any) -> 
     return frame
 
 
+class BadFrame(Exception):
+    """A control frame we answer with an error reply; ``kind`` labels the metric."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
 # ---------------------------------------------------------------------------
-# Clients
+# Limits and counters
 # ---------------------------------------------------------------------------
 
 
@@ -156,14 +246,42 @@ class Limits:
 
     queue_messages: int = 10_000
     queue_bytes: int = 8 * 1024 * 1024
+    overflow: str = OVERFLOW_DISCONNECT
     max_subject_length: int = 256
+    max_subscriptions: int = 100
+    max_subjects_per_request: int = 50
+    control_rate: float = 20.0
+    # Rejected frames (leaking one per second) before a flooding client is closed.
+    control_strikes: int = 10
+    max_publish_bytes: int = 64 * 1024
     close_timeout: float = 5.0
+
+
+@dataclass
+class Stats:
+    """Plain counters, cheap on the hot path; exported by metrics.py at scrape time."""
+
+    messages_received: int = 0
+    frames_sent: int = 0
+    bytes_sent: int = 0
+    dropped: int = 0
+    filtered: int = 0
+    slow_consumer_disconnects: int = 0
+    rate_limit_disconnects: int = 0
+    published: int = 0
+    connections_opened: int = 0
+    bad_frames: Counter[str] = field(default_factory=Counter)
+
+
+# ---------------------------------------------------------------------------
+# Clients
+# ---------------------------------------------------------------------------
 
 
 class Client:
     """One WebSocket connection: its subscriptions and its bounded outbound queue."""
 
-    def __init__(self, ws: web.WebSocketResponse, peer: str, limits: Limits) -> None:
+    def __init__(self, ws: web.WebSocketResponse, peer: str, limits: Limits, stats: Stats) -> None:
         # 128 bits from the CSPRNG: the id doubles as the capability that lets a
         # backend subscribe this client over HTTP, so it must not be guessable.
         self.id = secrets.token_urlsafe(16)
@@ -172,12 +290,20 @@ class Client:
         self.subjects: set[str] = set()
         self.opened = time.monotonic()
         self.sent = 0
+        self.dropped = 0
         self.close_code: int | None = None
         self._limits = limits
-        self._queue: deque[str] = deque()
+        self._stats = stats
+        self._queue: deque[bytes] = deque()
         self._queued_bytes = 0
+        self._unreported_drops = 0
         self._wakeup = asyncio.Event()
         self._closing = False
+        # Token bucket for control frames, and a leaky count of rejected ones.
+        self._tokens = limits.control_rate
+        self._tokens_at = self.opened
+        self._strikes = 0.0
+        self._strikes_at = self.opened
         self._writer = asyncio.create_task(self._write_loop(), name=f"ws-writer-{self.id}")
         self._closer: asyncio.Task[None] | None = None
 
@@ -185,47 +311,99 @@ class Client:
     def closing(self) -> bool:
         return self._closing
 
-    def send(self, frame: str) -> None:
-        """Queue ``frame``; never blocks.  Past the bound the client is cut off."""
+    def send(self, frame: bytes) -> None:
+        """Queue ``frame``; never blocks.  Past the bound, the overflow policy applies."""
         if self._closing:
             return
         size = len(frame)
-        if (
-            len(self._queue) >= self._limits.queue_messages
-            or self._queued_bytes + size > self._limits.queue_bytes
-        ):
-            logger.warning(
-                "client %s (%s) is a slow consumer: %d frames / %d bytes queued; disconnecting",
-                self.id, self.peer, len(self._queue), self._queued_bytes,
-            )
-            self.close_soon(CLOSE_TRY_AGAIN_LATER, "slow consumer: outbound queue full")
+        limits = self._limits
+        if len(self._queue) >= limits.queue_messages or self._queued_bytes + size > limits.queue_bytes:
+            if limits.overflow == OVERFLOW_DROP_OLDEST:
+                self._drop_oldest(size)
+            else:
+                logger.warning(
+                    "client %s (%s) is a slow consumer: %d frames / %d bytes queued; disconnecting",
+                    self.id, self.peer, len(self._queue), self._queued_bytes,
+                )
+                self._stats.slow_consumer_disconnects += 1
+                self.close_soon(CLOSE_TRY_AGAIN_LATER, "slow consumer: outbound queue full")
+                return
+        if size > limits.queue_bytes:  # can never fit, even in an empty queue
+            self._count_drops(1)
             return
         self._queue.append(frame)
         self._queued_bytes += size
+        self._wakeup.set()
+
+    def _drop_oldest(self, incoming: int) -> None:
+        queue, limits = self._queue, self._limits
+        dropped = 0
+        while queue and (
+            len(queue) >= limits.queue_messages or self._queued_bytes + incoming > limits.queue_bytes
+        ):
+            self._queued_bytes -= len(queue.popleft())
+            dropped += 1
+        self._count_drops(dropped)
+
+    def _count_drops(self, n: int) -> None:
+        self.dropped += n
+        self._unreported_drops += n
+        self._stats.dropped += n
         self._wakeup.set()
 
     def send_json(self, frame: dict[str, Any]) -> None:
         self.send(dump(frame))
 
     async def _write_loop(self) -> None:
-        ws = self.ws
-        queue = self._queue
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while queue:
-                frame = queue.popleft()
-                self._queued_bytes -= len(frame)
-                try:
-                    await ws.send_str(frame)
-                except ConnectionError:
-                    # The peer is gone; the connection handler's finally
-                    # releases its subscriptions.  Stop queueing for it.
-                    self._closing = True
-                    queue.clear()
-                    self._queued_bytes = 0
-                    return
-                self.sent += 1
+        ws, queue, stats = self.ws, self._queue, self._stats
+        text = WSMsgType.TEXT
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                while queue or self._unreported_drops:
+                    if self._unreported_drops:
+                        # Told at the point of the gap, so the client knows where it is.
+                        n, self._unreported_drops = self._unreported_drops, 0
+                        frame = dump(
+                            {"success": False, "type": "dropped", "dropped": n,
+                             "message": f"{n} messages dropped: this client reads too slowly"}
+                        )
+                    else:
+                        frame = queue.popleft()
+                        self._queued_bytes -= len(frame)
+                    await ws.send_frame(frame, text)
+                    self.sent += 1
+                    stats.frames_sent += 1
+                    stats.bytes_sent += len(frame)
+        except ConnectionError:
+            # The peer is gone; the connection handler's finally releases its
+            # subscriptions.  Stop queueing for it.
+            self._closing = True
+            queue.clear()
+            self._queued_bytes = 0
+
+    # -- control-frame rate ----------------------------------------------------
+
+    def take_control_token(self) -> bool:
+        """True if this control frame is within the client's rate."""
+        rate = self._limits.control_rate
+        now = time.monotonic()
+        self._tokens = min(rate, self._tokens + (now - self._tokens_at) * rate)
+        self._tokens_at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        return False
+
+    def strike(self) -> bool:
+        """Count a rejected frame; True once the client has earned a disconnect."""
+        now = time.monotonic()
+        self._strikes = max(0.0, self._strikes - (now - self._strikes_at)) + 1
+        self._strikes_at = now
+        return self._strikes >= self._limits.control_strikes
+
+    # -- closing ---------------------------------------------------------------
 
     def close_soon(self, code: int, reason: str) -> None:
         """Start closing from synchronous code (a NATS callback, a fan-out loop)."""
@@ -277,34 +455,49 @@ class Client:
 class Topic:
     """One NATS subscription and the clients that share it."""
 
-    __slots__ = ("clients", "delivered", "pattern", "sub")
+    __slots__ = ("clients", "delivered", "filtered", "pattern", "sub")
 
-    def __init__(self, pattern: str) -> None:
+    def __init__(self, pattern: str, filtered: bool) -> None:
         self.pattern = pattern
         self.clients: set[Client] = set()
         self.sub: Subscription | None = None
         self.delivered = 0
+        # True when the pattern can match denied subjects (e.g. ">"), so each
+        # message's subject is checked before it is forwarded.
+        self.filtered = filtered
 
 
 class WSSManager:
     """Owns the clients and the shared NATS subscriptions."""
 
-    def __init__(self, nats_client: Callable[[], NATS], limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        nats_client: Callable[[], NATS],
+        limits: Limits | None = None,
+        policy: SubjectPolicy | None = None,
+    ) -> None:
         # A callable, not the client itself: the NATS connection is made in the
         # app's startup hook, after the manager exists.
         self._nats = nats_client
         self.limits = limits or Limits()
+        self.policy = policy or SubjectPolicy()
+        self.stats = Stats()
         self.clients: dict[str, Client] = {}
         self.topics: dict[str, Topic] = {}
         # Serialises changes to ``topics`` so that two clients asking for the same
         # new pattern at once cannot create two NATS subscriptions.
         self._lock = asyncio.Lock()
 
+    @property
+    def client_subscriptions(self) -> int:
+        return sum(len(c.subjects) for c in self.clients.values())
+
     # -- connection lifecycle ------------------------------------------------
 
     def register(self, ws: web.WebSocketResponse, peer: str, nats_connected: bool) -> Client:
-        client = Client(ws, peer, self.limits)
+        client = Client(ws, peer, self.limits, self.stats)
         self.clients[client.id] = client
+        self.stats.connections_opened += 1
         client.send_json(
             {
                 "success": True,
@@ -313,6 +506,7 @@ class WSSManager:
                 "connection_id": client.id,
                 "protocol": PROTOCOL_VERSION,
                 "nats": "connected" if nats_connected else "disconnected",
+                "publish": bool(self.policy.publish_allow),
             }
         )
         return client
@@ -328,55 +522,84 @@ class WSSManager:
         await asyncio.gather(*(c.close(code, reason) for c in clients), return_exceptions=True)
 
     def broadcast(self, frame: dict[str, Any]) -> None:
-        text = dump(frame)
+        data = dump(frame)
         for client in self.clients.values():
-            client.send(text)
+            client.send(data)
 
     # -- control frames -------------------------------------------------------
 
     async def handle_text(self, client: Client, text: str) -> None:
         """One control frame from the client; every outcome is a reply frame."""
+        if not client.take_control_token():
+            self.stats.bad_frames["rate"] += 1
+            if client.strike():
+                logger.warning("client %s (%s) keeps flooding; closing", client.id, client.peer)
+                self.stats.rate_limit_disconnects += 1
+                client.close_soon(CLOSE_POLICY_VIOLATION, "control frame rate exceeded")
+                return
+            rate = self.limits.control_rate
+            client.send_json(reply(False, f"Rate limit: at most {rate:g} control frames per second"))
+            return
         for frame in await self.handle_request(client, text):
             client.send_json(frame)
 
-    async def handle_request(self, client: Client, text: str | bytes) -> list[dict[str, Any]]:
-        try:
-            body = json.loads(text)
-        except ValueError as exc:
-            return [reply(False, f"Invalid JSON: {exc}")]
-        except RecursionError:
-            return [reply(False, "Invalid JSON: nested too deeply")]
-        if not isinstance(body, dict):
-            return [reply(False, f"Expected a JSON object, got {_json_type(body)}")]
-        return await self.apply(client, body)
+    def reject_binary(self, client: Client) -> None:
+        self.stats.bad_frames["binary"] += 1
+        client.send_json(reply(False, "Binary frames are not supported: send JSON as text"))
 
-    async def apply(self, client: Client, body: dict[str, Any]) -> list[dict[str, Any]]:
-        """Apply a parsed control object; shared by the WebSocket and HTTP paths."""
-        request_id = body.get("id")
+    async def handle_request(self, client: Client, text: str | bytes) -> list[dict[str, Any]]:
+        """Parse and apply one control frame; shared by the WebSocket and HTTP paths."""
+        request_id = None
+        try:
+            body = _parse_object(text)
+            request_id = _echoable(body.get("id"))
+            return await self.apply(client, body, request_id)
+        except BadFrame as exc:
+            self.stats.bad_frames[exc.kind] += 1
+            return [reply(False, exc.message, request_id)]
+
+    async def apply(
+        self, client: Client, body: dict[str, Any], request_id: Any = None
+    ) -> list[dict[str, Any]]:
+        """Apply a parsed control object.  Raises BadFrame for anything the client got wrong."""
         action = body.get("action", "subscribe")
+        if action == "publish":
+            return [await self.publish(body, request_id)]
         if action not in ("subscribe", "unsubscribe"):
-            return [reply(False, msg_bad_action(action), request_id)]
-        if "subjects" not in body:
-            return [reply(False, MSG_SUBJECTS_REQUIRED, request_id)]
-        subjects = body["subjects"]
-        if (
-            not isinstance(subjects, list)
-            or not subjects
-            or not all(isinstance(s, str) for s in subjects)
-        ):
-            return [reply(False, "subjects must be a non-empty list of strings", request_id)]
-        for subject in subjects:
-            error = subject_error(subject, self.limits.max_subject_length)
-            if error:
-                return [reply(False, error, request_id)]
+            raise BadFrame("action", msg_bad_action(action))
+        subjects = self._subjects(body)
         if action == "subscribe":
             return [await self.subscribe(client, subjects, request_id)]
         return await self.unsubscribe(client, subjects, request_id)
 
+    def _subjects(self, body: dict[str, Any]) -> list[str]:
+        if "subjects" not in body:
+            raise BadFrame("subjects", MSG_SUBJECTS_REQUIRED)
+        subjects = body["subjects"]
+        if not isinstance(subjects, list) or not subjects or not all(isinstance(s, str) for s in subjects):
+            raise BadFrame("subjects", "subjects must be a non-empty list of strings")
+        if len(subjects) > self.limits.max_subjects_per_request:
+            raise BadFrame(
+                "limit", f"Too many subjects: at most {self.limits.max_subjects_per_request} per request"
+            )
+        for subject in subjects:
+            error = subject_error(subject, self.limits.max_subject_length)
+            if error:
+                raise BadFrame("subject", error)
+        return subjects
+
     async def subscribe(
         self, client: Client, subjects: list[str], request_id: Any = None
     ) -> dict[str, Any]:
+        for subject in subjects:
+            refusal = self.policy.refusal(subject)
+            if refusal:
+                raise BadFrame("policy", refusal)
         wanted = list(dict.fromkeys(s for s in subjects if s not in client.subjects))
+        if len(client.subjects) + len(wanted) > self.limits.max_subscriptions:
+            raise BadFrame(
+                "limit", f"Subscription limit: at most {self.limits.max_subscriptions} per connection"
+            )
         try:
             await self._add(client, wanted)
         except (TimeoutError, NatsError, OSError) as exc:
@@ -398,19 +621,39 @@ class WSSManager:
                 replies.append(reply(False, msg_not_subscribed(subject), request_id))
         return replies
 
+    async def publish(self, body: dict[str, Any], request_id: Any = None) -> dict[str, Any]:
+        """Publish from the browser: only where the policy's publish patterns allow."""
+        subject = body.get("subject")
+        if not isinstance(subject, str):
+            raise BadFrame("publish", "publish needs a string 'subject'")
+        error = subject_error(subject, self.limits.max_subject_length, wildcards=False)
+        if error:
+            raise BadFrame("subject", error)
+        refusal = self.policy.publish_refusal(subject)
+        if refusal:
+            raise BadFrame("policy", refusal)
+        payload = _publish_payload(body)
+        if len(payload) > self.limits.max_publish_bytes:
+            raise BadFrame("limit", f"Payload too large: at most {self.limits.max_publish_bytes} bytes")
+        try:
+            await self._nats().publish(subject, payload)
+        except (TimeoutError, NatsError, OSError) as exc:
+            return reply(False, f"Could not publish: {exc or type(exc).__name__}", request_id)
+        self.stats.published += 1
+        return reply(True, f"Published to {subject}", request_id)
+
     # -- shared NATS subscriptions -------------------------------------------
 
     async def _add(self, client: Client, patterns: Iterable[str]) -> None:
+        patterns = list(patterns)
         async with self._lock:
             created: list[Topic] = []
             try:
                 for pattern in patterns:
                     topic = self.topics.get(pattern)
                     if topic is None:
-                        topic = Topic(pattern)
-                        topic.sub = await self._nats().subscribe(
-                            pattern, cb=self._make_callback(topic)
-                        )
+                        topic = Topic(pattern, self.policy.needs_filter(pattern))
+                        topic.sub = await self._nats().subscribe(pattern, cb=self._make_callback(topic))
                         self.topics[pattern] = topic
                         created.append(topic)
                         logger.debug("NATS subscription created for %s", pattern)
@@ -431,9 +674,6 @@ class WSSManager:
                 raise
 
     async def _remove(self, client: Client, patterns: Iterable[str]) -> None:
-        patterns = list(patterns)
-        if not patterns:
-            return
         # Detach synchronously first: even if we are cancelled while NATS is
         # being told, the client no longer receives anything for these.
         empty: list[Topic] = []
@@ -468,15 +708,63 @@ class WSSManager:
             logger.info("unsubscribe %s: %r", topic.pattern, exc)
 
     def _make_callback(self, topic: Topic) -> Callable[[Msg], Any]:
+        stats, permits = self.stats, self.policy.permits
+
         async def on_message(msg: Msg) -> None:
             # No await in here: nats-py runs this per message in order, and
             # every client's queue receives the frame in that same order.
+            stats.messages_received += 1
+            if topic.filtered and not permits(msg.subject):
+                stats.filtered += 1
+                return
             frame = encode_nats_message(msg)
             topic.delivered += 1
             for client in topic.clients:
                 client.send(frame)
 
         return on_message
+
+
+def _parse_object(text: str | bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(text)
+    except ValueError as exc:
+        raise BadFrame("json", f"Invalid JSON: {exc}") from None
+    except RecursionError:
+        raise BadFrame("json", "Invalid JSON: nested too deeply") from None
+    if not isinstance(body, dict):
+        raise BadFrame("not_object", f"Expected a JSON object, got {_json_type(body)}")
+    return body
+
+
+def _echoable(request_id: Any) -> Any:
+    """The request id to echo, if it is a plain JSON scalar that survives the round trip."""
+    if isinstance(request_id, bool) or request_id is None:
+        return request_id
+    if isinstance(request_id, str) and len(request_id) <= 256:
+        return request_id
+    if isinstance(request_id, int) and abs(request_id) < 2**53:
+        return request_id
+    if isinstance(request_id, float) and math.isfinite(request_id):
+        return request_id
+    return None
+
+
+def _publish_payload(body: dict[str, Any]) -> bytes:
+    """A string is sent as its text, base64 as its bytes, any other JSON value as JSON."""
+    if "data" not in body:
+        raise BadFrame("publish", "publish needs 'data'")
+    data = body["data"]
+    if body.get("encoding") == "base64":
+        if not isinstance(data, str):
+            raise BadFrame("publish", "base64 data must be a string")
+        try:
+            return base64.b64decode(data, validate=True)
+        except binascii.Error as exc:
+            raise BadFrame("publish", f"Invalid base64: {exc}") from None
+    if isinstance(data, str):
+        return data.encode("utf-8", "surrogatepass")
+    return json.dumps(data, ensure_ascii=False).encode("utf-8", "surrogatepass")
 
 
 def _json_type(value: Any) -> str:

@@ -1,22 +1,21 @@
 """NATS ⇄ WebSocket bridge built on Panini.
 
-Read top to bottom: configuration, the app factory, the HTTP and WebSocket
-routes, the lifecycle hooks, and ``main()``.
+Read top to bottom: typed app state, the app factory, the test publisher, the
+HTTP and WebSocket routes, the lifecycle hooks, logging and ``main()``.
+Settings live in config.py; the WebSocket ⇄ NATS logic in handler.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import dataclasses
+import hmac
 import json
 import logging
-import os
 import random
+import re
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,195 +23,16 @@ from urllib.parse import urlsplit
 from aiohttp import WSMsgType, web
 from nats.aio.client import Client as NATS
 from panini import app as panini_app
+from prometheus_client import CollectorRegistry
 
-from handler import (
-    CLOSE_GOING_AWAY,
-    Limits,
-    WSSManager,
-    reply,
-)
+import metrics
+from config import TEST_SUBJECT, Config, ConfigError, load_config
+from handler import CLOSE_GOING_AWAY, WSSManager
 
 logger = logging.getLogger("bridge")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-TEST_SUBJECT = "test.subject"
-
-
-# ---------------------------------------------------------------------------
-# Configuration: every setting is an env var and a flag (see README.md).
-# ---------------------------------------------------------------------------
-
-
-class ConfigError(ValueError):
-    """A setting has a value we cannot use; reported as one line, no traceback."""
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise ValueError("must be a port number from 0 to 65535")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0 or value == float("inf"):
-        raise ValueError("must be a number >= 0")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise ValueError("must be a number > 0")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError("must be a whole number >= 1")
-    return value
-
-
-def _nats_urls(text: str) -> str:
-    urls = [u.strip() for u in text.split(",") if u.strip()]
-    if not urls:
-        raise ValueError("must name at least one server, e.g. nats://127.0.0.1:4222")
-    for url in urls:
-        parts = urlsplit(url)
-        if parts.scheme not in ("nats", "tls", "ws", "wss") or not parts.hostname:
-            raise ValueError(f"{url!r} is not a NATS URL like nats://host:4222")
-    return ",".join(urls)
-
-
-def _log_level(text: str) -> str:
-    level = text.strip().upper()
-    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
-    return level
-
-
-def setting(env: str, parse: Callable[[str], Any], help: str) -> dict[str, Any]:
-    return {"env": env, "parse": parse, "help": help}
-
-
-@dataclass(frozen=True)
-class Config:
-    nats_url: str = field(
-        default="nats://127.0.0.1:4222",
-        metadata=setting("NATS_URL", _nats_urls, "NATS server URLs, comma-separated (failover)"),
-    )
-    http_host: str = field(
-        default="0.0.0.0", metadata=setting("HTTP_HOST", str, "address the HTTP server binds")
-    )
-    http_port: int = field(
-        default=5001, metadata=setting("HTTP_PORT", _port, "port of the page, /stream and the API")
-    )
-    test_publish_interval: float = field(
-        default=1.0,
-        metadata=setting(
-            "TEST_PUBLISH_INTERVAL",
-            _non_negative_float,
-            f"seconds between test messages on {TEST_SUBJECT}; 0 turns the publisher off",
-        ),
-    )
-    nats_connect_timeout: float = field(
-        default=30.0,
-        metadata=setting(
-            "NATS_CONNECT_TIMEOUT",
-            _positive_float,
-            "seconds to keep trying to reach NATS at start before exiting",
-        ),
-    )
-    nats_reconnect_wait: float = field(
-        default=1.0,
-        metadata=setting(
-            "NATS_RECONNECT_WAIT", _positive_float, "seconds between attempts to (re)connect to NATS"
-        ),
-    )
-    client_queue_messages: int = field(
-        default=10_000,
-        metadata=setting(
-            "CLIENT_QUEUE_MESSAGES",
-            _positive_int,
-            "frames one client may have waiting; past it the client is closed with 1013",
-        ),
-    )
-    client_queue_bytes: int = field(
-        default=8 * 1024 * 1024,
-        metadata=setting(
-            "CLIENT_QUEUE_BYTES",
-            _positive_int,
-            "bytes one client may have waiting; past it the client is closed with 1013",
-        ),
-    )
-    max_subject_length: int = field(
-        default=256,
-        metadata=setting("MAX_SUBJECT_LENGTH", _positive_int, "longest subject accepted, in bytes"),
-    )
-    service_name: str = field(
-        default="async_NATS_WSS_bridge",
-        metadata=setting("SERVICE_NAME", str, "Panini service name, shown in NATS as the client name"),
-    )
-    log_level: str = field(
-        default="INFO", metadata=setting("LOG_LEVEL", _log_level, "DEBUG, INFO, WARNING or ERROR")
-    )
-
-    @property
-    def nats_servers(self) -> list[str]:
-        return self.nats_url.split(",")
-
-    @property
-    def limits(self) -> Limits:
-        return Limits(
-            queue_messages=self.client_queue_messages,
-            queue_bytes=self.client_queue_bytes,
-            max_subject_length=self.max_subject_length,
-        )
-
-
-def _flag(f: dataclasses.Field[Any]) -> str:
-    return "--" + f.name.replace("_", "-")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="main.py",
-        description="NATS ⇄ WebSocket bridge. Every flag can also be set by its env var; "
-        "a flag wins over the env var.",
-    )
-    for f in dataclasses.fields(Config):
-        meta = f.metadata
-        parser.add_argument(
-            _flag(f),
-            dest=f.name,
-            metavar=meta["env"],
-            default=None,
-            help=f"{meta['help']} (env {meta['env']}, default {f.default})",
-        )
-    return parser
-
-
-def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
-    """Defaults, then env vars, then flags; each value checked by its parser."""
-    environ = os.environ if environ is None else environ
-    args = build_parser().parse_args(argv)
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(Config):
-        env = f.metadata["env"]
-        given = getattr(args, f.name)
-        source = _flag(f) if given is not None else env
-        raw = given if given is not None else environ.get(env)
-        if raw is None:
-            continue
-        try:
-            values[f.name] = f.metadata["parse"](raw)
-        except ValueError as exc:
-            reason = str(exc) if "must" in str(exc) or "NATS URL" in str(exc) else "not a valid value"
-            raise ConfigError(f"{source}={raw!r}: {reason}") from None
-    return Config(**values)
-
+TOKEN_COOKIE = "bridge_token"
 
 # ---------------------------------------------------------------------------
 # Typed application state
@@ -221,6 +41,9 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
 CONFIG = web.AppKey("config", Config)
 PANINI = web.AppKey("panini", panini_app.App)
 MANAGER = web.AppKey("manager", WSSManager)
+LINK = web.AppKey("link", metrics.LinkStats)
+SLOTS = web.AppKey("slots", asyncio.Semaphore)
+REGISTRY = web.AppKey("registry", CollectorRegistry)
 
 
 class StartupError(RuntimeError):
@@ -245,17 +68,22 @@ def create_app(config: Config) -> panini_app.App:
         # A logger of our own keeps Panini from writing log files under logs/.
         custom_logger=logging.getLogger("panini"),
     )
-    web_app = web.Application()
+    web_app = web.Application(client_max_size=config.max_frame_bytes)
     app.setup_web_server(host=config.http_host, port=config.http_port, web_app=web_app)
+    manager = WSSManager(lambda: app.nats.client, config.limits, config.policy)
     web_app[CONFIG] = config
     web_app[PANINI] = app
-    web_app[MANAGER] = WSSManager(lambda: app.nats.client, config.limits)
+    web_app[MANAGER] = manager
+    web_app[LINK] = metrics.LinkStats()
+    web_app[SLOTS] = asyncio.Semaphore(config.max_connections)
+    web_app[REGISTRY] = metrics.make_registry(manager, web_app[LINK], lambda: nats_connected(web_app))
 
     app.http.get("/")(index)
     app.http.get("/stream")(stream)
     app.http.post("/clients/{connection_id}")(control)
     app.http.get("/healthz")(healthz)
     app.http.get("/readyz")(readyz)
+    app.http.get("/metrics")(metrics_endpoint)
     app.http.static("/static", STATIC_DIR)
     web_app.add_routes(app.http)
 
@@ -268,8 +96,12 @@ def create_app(config: Config) -> panini_app.App:
     return app
 
 
+# ---------------------------------------------------------------------------
+# The test publisher (the example's message, key3 random)
+# ---------------------------------------------------------------------------
+
+
 def test_message() -> dict[str, Any]:
-    """The example's test message; key3 changes every time."""
     return {
         "key1": "value1",
         "key2": 2,
@@ -292,6 +124,67 @@ def register_test_publisher(app: panini_app.App, interval: float) -> None:
 
 
 # ---------------------------------------------------------------------------
+# Who may connect: Origin, token, connection slots
+# ---------------------------------------------------------------------------
+
+
+def _origin_pattern(pattern: str) -> re.Pattern[str]:
+    # '*' stands for one or more host characters, never a scheme, port or path separator.
+    parts = [re.escape(p) for p in pattern.lower().rstrip("/").split("*")]
+    return re.compile("[^/:@]+".join(parts))
+
+
+def origin_allowed(origin: str | None, host: str | None, allowed: Sequence[str]) -> bool:
+    """Same-origin, an Origin on the allow list, or no Origin (not a browser)."""
+    if origin is None:
+        return True
+    origin = origin.lower().rstrip("/")
+    if "*" in allowed or any(_origin_pattern(p).fullmatch(origin) for p in allowed):
+        return True
+    parts = urlsplit(origin)
+    if not parts.hostname or not host:
+        return False
+    default_port = {"http": 80, "https": 443}.get(parts.scheme)
+    try:
+        served = urlsplit("//" + host.lower())
+        return parts.hostname == served.hostname and (parts.port or default_port) == (
+            served.port or default_port
+        )
+    except ValueError:  # a Host header with a bad port
+        return False
+
+
+def presented_token(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return request.query.get("token") or request.cookies.get(TOKEN_COOKIE)
+
+
+def token_valid(given: str | None, tokens: Sequence[str]) -> bool:
+    if given is None:
+        return False
+    # Compare against every token, in constant time, so timing says nothing.
+    ok = False
+    for token in tokens:
+        ok |= hmac.compare_digest(token.encode(), given.encode())
+    return ok
+
+
+def refusal(request: web.Request, reason: str, status: int, message: str) -> web.Response:
+    request.app[LINK].refusals[reason] += 1
+    logger.info("refused %s from %s: %s", request.path, request.remote, message)
+    return web.json_response({"success": False, "message": message}, status=status)
+
+
+def check_auth(request: web.Request) -> web.Response | None:
+    tokens = request.app[CONFIG].auth_tokens
+    if tokens and not token_valid(presented_token(request), tokens):
+        return refusal(request, "auth", 401, "Unauthorized: a valid token is required")
+    return None
+
+
+# ---------------------------------------------------------------------------
 # Routes
 # ---------------------------------------------------------------------------
 
@@ -305,12 +198,33 @@ def nats_connected(web_app: web.Application) -> bool:
     return nc is not None and nc.is_connected
 
 
-async def stream(request: web.Request) -> web.WebSocketResponse:
-    """One WebSocket client: register, read control frames, always unregister."""
-    manager = request.app[MANAGER]
+async def stream(request: web.Request) -> web.StreamResponse:
+    """One WebSocket client: checks, register, read control frames, always unregister."""
+    config, manager, slots = request.app[CONFIG], request.app[MANAGER], request.app[SLOTS]
+    if not origin_allowed(request.headers.get("Origin"), request.host, config.allowed_origins):
+        return refusal(request, "origin", 403, "Forbidden: this Origin may not connect")
+    denied = check_auth(request)
+    if denied:
+        return denied
+    if slots.locked():
+        return refusal(request, "capacity", 503, "Too many connections; try again later")
+    await slots.acquire()
+    try:
+        return await serve_websocket(request, config, manager)
+    finally:
+        slots.release()
+
+
+async def serve_websocket(request: web.Request, config: Config, manager: WSSManager) -> web.WebSocketResponse:
     # compress=False: permessage-deflate would compress each frame once per
     # client, while the uncompressed frame is built once for all of them.
-    ws = web.WebSocketResponse(compress=False)
+    ws = web.WebSocketResponse(
+        compress=False,
+        max_msg_size=config.max_frame_bytes,
+        heartbeat=config.ping_interval or None,
+    )
+    # aiohttp fixes the pong timeout at half the ping interval; ours is a setting.
+    ws._pong_heartbeat = config.pong_timeout
     await ws.prepare(request)
     peer = request.remote or "?"
     client = manager.register(ws, peer, nats_connected(request.app))
@@ -320,7 +234,7 @@ async def stream(request: web.Request) -> web.WebSocketResponse:
             if msg.type is WSMsgType.TEXT:
                 await manager.handle_text(client, msg.data)
             elif msg.type is WSMsgType.BINARY:
-                client.send_json(reply(False, "Binary frames are not supported: send JSON as text"))
+                manager.reject_binary(client)
             elif msg.type is WSMsgType.ERROR:
                 logger.info("connection %s: %r", client.id, ws.exception())
     except Exception:
@@ -330,10 +244,8 @@ async def stream(request: web.Request) -> web.WebSocketResponse:
     finally:
         await manager.unregister(client)
         logger.info(
-            "connection %s closed: code %s, %d frames sent, %.1f s",
-            client.id,
-            client.close_code or ws.close_code,
-            client.sent,
+            "connection %s closed: peer %s, code %s, %d frames sent, %d dropped, %.1f s",
+            client.id, peer, client.close_code or ws.close_code, client.sent, client.dropped,
             time.monotonic() - client.opened,
         )
     return ws
@@ -341,12 +253,14 @@ async def stream(request: web.Request) -> web.WebSocketResponse:
 
 async def control(request: web.Request) -> web.Response:
     """Subscribe or unsubscribe a connected client from a backend, same JSON body and replies."""
+    denied = check_auth(request)
+    if denied:
+        return denied
     manager = request.app[MANAGER]
     client = manager.clients.get(request.match_info["connection_id"])
     if client is None:
-        return web.json_response(
-            {"success": False, "message": "No such connection", "type": "reply"}, status=404
-        )
+        return web.json_response({"success": False, "message": "No such connection", "type": "reply"},
+                                 status=404)
     replies = await manager.handle_request(client, await request.text())
     for frame in replies:
         # The client hears about it too, so its view of its subscriptions stays true.
@@ -371,16 +285,19 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "not ready", "nats": "disconnected"}, status=503)
 
 
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    body = metrics.render(request.app[REGISTRY])
+    return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
 # ---------------------------------------------------------------------------
 # Lifecycle
 # ---------------------------------------------------------------------------
 
 
 async def nats_connection(web_app: web.Application) -> AsyncIterator[None]:
-    """Connect Panini's NATS client (bounded retries), drain it at the very end."""
-    app = web_app[PANINI]
-    config = web_app[CONFIG]
-    manager = web_app[MANAGER]
+    """Connect Panini's NATS client (bounded retries at start), drain it at the very end."""
+    app, config, manager, link = web_app[PANINI], web_app[CONFIG], web_app[MANAGER], web_app[LINK]
     nc = NATS()
     connected = False
     attempts = 0
@@ -389,27 +306,24 @@ async def nats_connection(web_app: web.Application) -> AsyncIterator[None]:
         nonlocal attempts
         if not connected:
             attempts += 1
-            logger.warning(
-                "NATS at %s not reachable (attempt %d): %s",
-                config.nats_url, attempts, exc or type(exc).__name__,
-            )
+            logger.warning("NATS at %s not reachable (attempt %d): %s",
+                           config.nats_url, attempts, exc or type(exc).__name__)
         else:
             logger.warning("NATS error: %r", exc)
 
     async def disconnected_cb() -> None:
         if connected and not nc.is_closed and not nc.is_draining:
+            link.nats_disconnects += 1
             logger.warning("NATS connection lost; reconnecting")
-            manager.broadcast(
-                {"success": False, "type": "status", "nats": "disconnected",
-                 "message": "NATS connection lost; reconnecting"}
-            )
+            manager.broadcast({"success": False, "type": "status", "nats": "disconnected",
+                               "message": "NATS connection lost; reconnecting"})
 
     async def reconnected_cb() -> None:
+        link.nats_reconnects += 1
         logger.info("NATS connection restored (%s)", nc.connected_url.netloc if nc.connected_url else "?")
-        manager.broadcast(
-            {"success": True, "type": "status", "nats": "connected",
-             "message": "NATS connection restored"}
-        )
+        # nats-py has already re-sent every SUB, so clients resume as they were.
+        manager.broadcast({"success": True, "type": "status", "nats": "connected",
+                           "message": "NATS connection restored"})
 
     # Panini's own connect (NATSClient._establish_connection) would also start
     # a watcher that calls exit(99) when the client closes, so we connect its
@@ -460,16 +374,32 @@ async def close_websockets(web_app: web.Application) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Entry point
+# Logging and the entry point
 # ---------------------------------------------------------------------------
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -478,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"main.py: error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(config.log_level)
+    configure_logging(config.log_level, config.log_format)
     app = create_app(config)
     try:
         # run_app turns SIGINT/SIGTERM into a graceful shutdown: on_shutdown

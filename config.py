@@ -1,0 +1,311 @@
+"""Every setting of the bridge, in one place.
+
+Each setting is an env var and a ``python main.py`` flag; a flag wins over the
+env var, which wins over the default.  ``python main.py --help`` and the README's
+settings table are both made from this table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from handler import (
+    DEFAULT_DENY,
+    OVERFLOW_DISCONNECT,
+    OVERFLOW_DROP_OLDEST,
+    Limits,
+    SubjectPolicy,
+    subject_error,
+)
+
+TEST_SUBJECT = "test.subject"
+
+
+class ConfigError(ValueError):
+    """A setting has a value we cannot use; reported as one line, no traceback."""
+
+
+# -- parsers: text in, value out, ValueError("must ...") on bad input ---------
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number from 0 to 65535")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise ValueError("must be a number of seconds >= 0")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise ValueError("must be a number of seconds > 0")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be a whole number >= 1")
+    return value
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise ValueError("must be a number > 0")
+    return value
+
+
+def _text(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text.strip()
+
+
+def _list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def _patterns(text: str) -> tuple[str, ...]:
+    patterns = _list(text)
+    for pattern in patterns:
+        error = subject_error(pattern, 1024)
+        if error:
+            raise ValueError(f"must be subject patterns: {error}")
+    return patterns
+
+
+def _nats_urls(text: str) -> str:
+    urls = _list(text)
+    if not urls:
+        raise ValueError("must name at least one server, e.g. nats://127.0.0.1:4222")
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("nats", "tls", "ws", "wss") or not parts.hostname:
+            raise ValueError(f"must be NATS URLs like nats://host:4222, got {url!r}")
+    return ",".join(urls)
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _log_level(text: str) -> str:
+    return _choice("debug", "info", "warning", "error", "critical")(text).upper()
+
+
+def opt(default: Any, env: str, parse: Callable[[str], Any], help: str) -> Any:
+    return field(default=default, metadata={"env": env, "parse": parse, "help": help})
+
+
+@dataclass(frozen=True)
+class Config:
+    # NATS
+    nats_url: str = opt(
+        "nats://127.0.0.1:4222",
+        "NATS_URL",
+        _nats_urls,
+        "NATS server URLs, comma-separated; the bridge fails over between them",
+    )
+    nats_connect_timeout: float = opt(
+        30.0,
+        "NATS_CONNECT_TIMEOUT",
+        _positive_seconds,
+        "seconds to keep trying to reach NATS at start before giving up",
+    )
+    nats_reconnect_wait: float = opt(
+        1.0,
+        "NATS_RECONNECT_WAIT",
+        _positive_seconds,
+        "seconds between attempts to (re)connect to a NATS server",
+    )
+    service_name: str = opt(
+        "async_NATS_WSS_bridge",
+        "SERVICE_NAME",
+        _text,
+        "Panini service name; the NATS client name starts with it",
+    )
+    # HTTP
+    http_host: str = opt("0.0.0.0", "HTTP_HOST", _text, "address the HTTP server binds")
+    http_port: int = opt(5001, "HTTP_PORT", _port, "port of the page, /stream and the HTTP API")
+    test_publish_interval: float = opt(
+        1.0,
+        "TEST_PUBLISH_INTERVAL",
+        _seconds,
+        f"seconds between test messages on {TEST_SUBJECT}; 0 turns it off",
+    )
+    # Who may connect
+    allowed_origins: tuple[str, ...] = opt(
+        (),
+        "ALLOWED_ORIGINS",
+        _list,
+        "extra browser Origins allowed, comma-separated, wildcards "
+        "like https://*.example.com; '*' allows any. Same-origin "
+        "and Origin-less clients are always allowed",
+    )
+    auth_tokens: tuple[str, ...] = opt(
+        (),
+        "AUTH_TOKENS",
+        _list,
+        "tokens clients must present (Bearer header, ?token= or "
+        "bridge_token cookie), comma-separated; empty: no auth",
+    )
+    max_connections: int = opt(
+        10_000, "MAX_CONNECTIONS", _count, "open WebSockets per process; more are refused with HTTP 503"
+    )
+    # What they may do
+    subject_allow: tuple[str, ...] = opt(
+        (">",), "SUBJECT_ALLOW", _patterns, "subject patterns clients may subscribe to"
+    )
+    subject_deny: tuple[str, ...] = opt(
+        DEFAULT_DENY, "SUBJECT_DENY", _patterns, "subject patterns never forwarded, even through wildcards"
+    )
+    publish_allow: tuple[str, ...] = opt(
+        (), "PUBLISH_ALLOW", _patterns, "subject patterns clients may publish to; empty: publish off"
+    )
+    max_publish_bytes: int = opt(
+        64 * 1024, "MAX_PUBLISH_BYTES", _count, "largest payload a client may publish"
+    )
+    max_subscriptions: int = opt(100, "MAX_SUBSCRIPTIONS", _count, "subjects one client may hold")
+    max_subjects_per_request: int = opt(
+        50, "MAX_SUBJECTS_PER_REQUEST", _count, "subjects in one subscribe/unsubscribe request"
+    )
+    max_subject_length: int = opt(256, "MAX_SUBJECT_LENGTH", _count, "longest subject accepted, in bytes")
+    max_frame_bytes: int = opt(
+        64 * 1024,
+        "MAX_FRAME_BYTES",
+        _count,
+        "largest control frame from a client; larger ones close it with 1009",
+    )
+    control_rate: float = opt(
+        20.0,
+        "CONTROL_RATE",
+        _rate,
+        "control frames per second per client (burst of the same size); "
+        "over it: error replies, then close 1008 if it goes on",
+    )
+    # Slow clients
+    client_queue_messages: int = opt(
+        10_000, "CLIENT_QUEUE_MESSAGES", _count, "frames one client may have waiting to be sent"
+    )
+    client_queue_bytes: int = opt(
+        8 * 1024 * 1024, "CLIENT_QUEUE_BYTES", _count, "bytes one client may have waiting to be sent"
+    )
+    client_queue_overflow: str = opt(
+        OVERFLOW_DISCONNECT,
+        "CLIENT_QUEUE_OVERFLOW",
+        _choice(OVERFLOW_DISCONNECT, OVERFLOW_DROP_OLDEST),
+        "past the queue bound: 'disconnect' (close 1013) or "
+        "'drop_oldest' (drop and tell the client how many)",
+    )
+    ping_interval: float = opt(
+        20.0, "PING_INTERVAL", _seconds, "seconds of silence before the server pings a client; 0: never"
+    )
+    pong_timeout: float = opt(
+        10.0, "PONG_TIMEOUT", _positive_seconds, "seconds to wait for the pong before closing a dead client"
+    )
+    # Logs
+    log_level: str = opt("INFO", "LOG_LEVEL", _log_level, "DEBUG, INFO, WARNING or ERROR")
+    log_format: str = opt("text", "LOG_FORMAT", _choice("text", "json"), "text or json (one object a line)")
+
+    @property
+    def nats_servers(self) -> list[str]:
+        return self.nats_url.split(",")
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            queue_messages=self.client_queue_messages,
+            queue_bytes=self.client_queue_bytes,
+            overflow=self.client_queue_overflow,
+            max_subject_length=self.max_subject_length,
+            max_subscriptions=self.max_subscriptions,
+            max_subjects_per_request=self.max_subjects_per_request,
+            control_rate=self.control_rate,
+            max_publish_bytes=self.max_publish_bytes,
+        )
+
+    @property
+    def policy(self) -> SubjectPolicy:
+        return SubjectPolicy(
+            allow=self.subject_allow, deny=self.subject_deny, publish_allow=self.publish_allow
+        )
+
+
+def flag(f: dataclasses.Field[Any]) -> str:
+    return "--" + f.name.replace("_", "-")
+
+
+def shown(value: Any) -> str:
+    """A default as a person would type it."""
+    if isinstance(value, tuple):
+        return ",".join(value) or "(empty)"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="main.py",
+        description="NATS ⇄ WebSocket bridge. Every flag can also be set by its env var; "
+        "a flag wins over the env var.",
+    )
+    for f in dataclasses.fields(Config):
+        meta = f.metadata
+        parser.add_argument(
+            flag(f),
+            dest=f.name,
+            metavar=meta["env"],
+            default=None,
+            help=f"{meta['help']} (env {meta['env']}, default {shown(f.default)})",
+        )
+    return parser
+
+
+def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Defaults, then env vars, then flags; each value checked by its parser."""
+    environ = os.environ if environ is None else environ
+    args = build_parser().parse_args(argv)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Config):
+        env = f.metadata["env"]
+        given = getattr(args, f.name)
+        source = flag(f) if given is not None else env
+        raw = given if given is not None else environ.get(env)
+        if raw is None:
+            continue
+        try:
+            values[f.name] = f.metadata["parse"](raw)
+        except ValueError as exc:
+            reason = str(exc) if str(exc).startswith("must") else "not a valid value"
+            raise ConfigError(f"{source}={raw!r}: {reason}") from None
+    return Config(**values)
+
+
+def settings_table() -> str:
+    """The README's settings table (a test keeps the README in step with it)."""
+    rows = ["| Env var | Flag | Default | Meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(Config):
+        meta = f.metadata
+        rows.append(f"| `{meta['env']}` | `{flag(f)}` | `{shown(f.default)}` | {meta['help']} |")
+    return "\n".join(rows)

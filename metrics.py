@@ -1,0 +1,102 @@
+"""Prometheus metrics for the bridge.
+
+The hot path only bumps plain integers (``handler.Stats``); this collector turns
+them into metric families when /metrics is scraped, so a delivered message costs
+no lock and no label lookup.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from handler import WSSManager
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass
+class LinkStats:
+    """NATS link and handshake counters kept by main.py."""
+
+    nats_reconnects: int = 0
+    nats_disconnects: int = 0
+    refusals: Counter[str] = field(default_factory=Counter)
+
+
+class BridgeCollector:
+    def __init__(self, manager: WSSManager, link: LinkStats, nats_connected: Callable[[], bool]) -> None:
+        self._manager = manager
+        self._link = link
+        self._nats_connected = nats_connected
+
+    def collect(self) -> Iterator[Metric]:
+        m, s, link = self._manager, self._manager.stats, self._link
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"bridge_{name}", doc, value=value)
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(f"bridge_{name}", doc, value=value)
+
+        yield gauge("connections", "Open WebSocket connections.", len(m.clients))
+        yield gauge(
+            "client_subscriptions", "Subjects held by clients, summed over clients.", m.client_subscriptions
+        )
+        yield gauge(
+            "nats_subscriptions", "NATS subscriptions held by the bridge (one per pattern).", len(m.topics)
+        )
+        yield gauge("nats_connected", "1 while the NATS link is up.", 1 if self._nats_connected() else 0)
+        yield counter("connections_opened", "WebSocket connections accepted.", s.connections_opened)
+        yield counter("nats_messages_received", "Messages received from NATS.", s.messages_received)
+        yield counter(
+            "nats_messages_filtered",
+            "Messages not forwarded because the subject policy denies them.",
+            s.filtered,
+        )
+        yield counter("frames_sent", "WebSocket frames sent to clients.", s.frames_sent)
+        yield counter("bytes_sent", "WebSocket payload bytes sent to clients.", s.bytes_sent)
+        yield counter("messages_dropped", "Frames dropped for slow clients (drop_oldest policy).", s.dropped)
+        yield counter(
+            "slow_consumer_disconnects",
+            "Clients closed with 1013 for falling behind.",
+            s.slow_consumer_disconnects,
+        )
+        yield counter(
+            "rate_limit_disconnects",
+            "Clients closed with 1008 for flooding control frames.",
+            s.rate_limit_disconnects,
+        )
+        yield counter("published", "Messages published from browsers.", s.published)
+        yield counter("nats_reconnects", "Times the NATS link came back.", link.nats_reconnects)
+        yield counter("nats_disconnects", "Times the NATS link was lost.", link.nats_disconnects)
+
+        bad = CounterMetricFamily(
+            "bridge_bad_frames", "Control frames answered with an error, by kind.", labels=["kind"]
+        )
+        for kind, n in sorted(s.bad_frames.items()):
+            bad.add_metric([kind], n)
+        yield bad
+        refused = CounterMetricFamily(
+            "bridge_handshake_refusals", "WebSocket upgrades refused, by reason.", labels=["reason"]
+        )
+        for reason, n in sorted(link.refusals.items()):
+            refused.add_metric([reason], n)
+        yield refused
+
+
+def make_registry(
+    manager: WSSManager, link: LinkStats, nats_connected: Callable[[], bool]
+) -> CollectorRegistry:
+    # A registry per app, not prometheus_client's global one: tests build many apps.
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(BridgeCollector(manager, link, nats_connected))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
