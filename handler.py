@@ -19,13 +19,14 @@ import json
 import logging
 import math
 import secrets
+import struct
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
 from aiohttp.http_websocket import WSCloseCode
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -214,6 +215,26 @@ def encode_nats_message(msg: Msg) -> bytes:
     return (head + body + extra + "}").encode("utf-8", "surrogatepass")
 
 
+WRITE_BATCH_BYTES = 256 * 1024
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A complete server-to-client WebSocket text frame (RFC 6455 5.2; servers never mask)."""
+    n = len(payload)
+    if n < 126:
+        header = bytes((0x81, n))
+    elif n < 1 << 16:
+        header = struct.pack("!BBH", 0x81, 126, n)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, n)
+    return header + payload
+
+
+def close_frame(code: int, reason: bytes) -> bytes:
+    payload = struct.pack("!H", code) + reason
+    return bytes((0x88, len(payload))) + payload
+
+
 def dump(frame: dict[str, Any]) -> bytes:
     return json.dumps(frame, ensure_ascii=False).encode("utf-8", "surrogatepass")
 
@@ -279,14 +300,19 @@ class Stats:
 
 
 class Client:
-    """One WebSocket connection: its subscriptions and its bounded outbound queue."""
+    """One WebSocket connection: its subscriptions and its bounded outbound queue.
 
-    def __init__(self, ws: web.WebSocketResponse, peer: str, limits: Limits, stats: Stats) -> None:
+    Frames go straight into the socket's transport while it accepts them; only
+    when the transport is paused (the peer reads slower than we send) do they
+    wait in this client's bounded queue, which its writer task drains.
+    """
+
+    def __init__(self, request: web.Request, ws: web.WebSocketResponse, limits: Limits, stats: Stats) -> None:
         # 128 bits from the CSPRNG: the id doubles as the capability that lets a
         # backend subscribe this client over HTTP, so it must not be guessable.
         self.id = secrets.token_urlsafe(16)
         self.ws = ws
-        self.peer = peer
+        self.peer = request.remote or "?"
         self.subjects: set[str] = set()
         self.opened = time.monotonic()
         self.sent = 0
@@ -294,6 +320,14 @@ class Client:
         self.close_code: int | None = None
         self._limits = limits
         self._stats = stats
+        # Writing frames to the transport ourselves (rather than ws.send_*) lets
+        # one prebuilt frame serve every client; compression is off, and each
+        # write is a whole frame, so aiohttp's own pings and close interleave safely.
+        transport = request.transport
+        assert transport is not None, "the WebSocket must be prepared first"
+        self._transport = transport
+        self._protocol = request.protocol
+        self._stream = request.writer
         self._queue: deque[bytes] = deque()
         self._queued_bytes = 0
         self._unreported_drops = 0
@@ -312,8 +346,17 @@ class Client:
         return self._closing
 
     def send(self, frame: bytes) -> None:
-        """Queue ``frame``; never blocks.  Past the bound, the overflow policy applies."""
+        """Send a complete WebSocket frame; never blocks.  Past the bound, the overflow policy applies."""
         if self._closing:
+            return
+        if not self._queue and not self._protocol.writing_paused:
+            if self._transport.is_closing():
+                self._closing = True
+                return
+            self._transport.write(frame)
+            self.sent += 1
+            self._stats.frames_sent += 1
+            self._stats.bytes_sent += len(frame)
             return
         size = len(frame)
         limits = self._limits
@@ -352,36 +395,44 @@ class Client:
         self._wakeup.set()
 
     def send_json(self, frame: dict[str, Any]) -> None:
-        self.send(dump(frame))
+        self.send(text_frame(dump(frame)))
 
     async def _write_loop(self) -> None:
-        ws, queue, stats = self.ws, self._queue, self._stats
-        text = WSMsgType.TEXT
-        try:
-            while True:
-                await self._wakeup.wait()
-                self._wakeup.clear()
-                while queue or self._unreported_drops:
-                    if self._unreported_drops:
-                        # Told at the point of the gap, so the client knows where it is.
-                        n, self._unreported_drops = self._unreported_drops, 0
-                        frame = dump(
-                            {"success": False, "type": "dropped", "dropped": n,
-                             "message": f"{n} messages dropped: this client reads too slowly"}
-                        )
-                    else:
-                        frame = queue.popleft()
-                        self._queued_bytes -= len(frame)
-                    await ws.send_frame(frame, text)
-                    self.sent += 1
-                    stats.frames_sent += 1
-                    stats.bytes_sent += len(frame)
-        except ConnectionError:
-            # The peer is gone; the connection handler's finally releases its
-            # subscriptions.  Stop queueing for it.
-            self._closing = True
-            queue.clear()
-            self._queued_bytes = 0
+        queue, stats, transport = self._queue, self._stats, self._transport
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while queue or self._unreported_drops:
+                # Wait until the peer has taken what the transport holds.  Shielded:
+                # aiohttp shares one drain future per connection, and cancelling
+                # this task must not cancel it under ws.close().
+                await asyncio.shield(self._stream.drain())
+                if transport.is_closing():
+                    # The peer is gone; the connection handler's finally
+                    # releases its subscriptions.  Stop queueing for it.
+                    self._closing = True
+                    queue.clear()
+                    self._queued_bytes = 0
+                    return
+                batch: list[bytes] = []
+                if self._unreported_drops:
+                    # Told at the point of the gap, so the client knows where it is.
+                    n, self._unreported_drops = self._unreported_drops, 0
+                    batch.append(text_frame(dump(
+                        {"success": False, "type": "dropped", "dropped": n,
+                         "message": f"{n} messages dropped: this client reads too slowly"}
+                    )))
+                size = 0
+                # One write for many frames: fewer syscalls for a client catching up.
+                while queue and size < WRITE_BATCH_BYTES:
+                    frame = queue.popleft()
+                    self._queued_bytes -= len(frame)
+                    size += len(frame)
+                    batch.append(frame)
+                transport.write(b"".join(batch))
+                self.sent += len(batch)
+                stats.frames_sent += len(batch)
+                stats.bytes_sent += sum(len(f) for f in batch)
 
     # -- control-frame rate ----------------------------------------------------
 
@@ -424,15 +475,20 @@ class Client:
         self._queue.clear()
         self._queued_bytes = 0
         self._writer.cancel()
+        message = reason.encode()[:123]
+        if self._protocol.writing_paused:
+            # The peer is not reading, so a close handshake cannot finish: put
+            # the close frame behind what it has not read yet, give it
+            # close_timeout to catch up, then abort, which ends the connection
+            # handler and so releases everything this client held.
+            self._transport.write(close_frame(code, message))
+            asyncio.get_running_loop().call_later(self._limits.close_timeout, self._transport.abort)
+            return
         try:
-            # A peer that stopped reading never lets the close frame drain;
-            # on timeout aiohttp aborts the transport, which is what we want.
-            await asyncio.wait_for(
-                self.ws.close(code=code, message=reason.encode()[:123]),
-                timeout=self._limits.close_timeout,
-            )
+            await asyncio.wait_for(self.ws.close(code=code, message=message), self._limits.close_timeout)
         except (TimeoutError, ConnectionError) as exc:
             logger.info("client %s closed abruptly: %r", self.id, exc)
+            self._transport.abort()
 
     async def stop_writer(self) -> None:
         """Stop the writer; a writer that died on a broken socket is not an error."""
@@ -494,8 +550,8 @@ class WSSManager:
 
     # -- connection lifecycle ------------------------------------------------
 
-    def register(self, ws: web.WebSocketResponse, peer: str, nats_connected: bool) -> Client:
-        client = Client(ws, peer, self.limits, self.stats)
+    def register(self, request: web.Request, ws: web.WebSocketResponse, nats_connected: bool) -> Client:
+        client = Client(request, ws, self.limits, self.stats)
         self.clients[client.id] = client
         self.stats.connections_opened += 1
         client.send_json(
@@ -522,7 +578,7 @@ class WSSManager:
         await asyncio.gather(*(c.close(code, reason) for c in clients), return_exceptions=True)
 
     def broadcast(self, frame: dict[str, Any]) -> None:
-        data = dump(frame)
+        data = text_frame(dump(frame))
         for client in self.clients.values():
             client.send(data)
 
@@ -717,7 +773,7 @@ class WSSManager:
             if topic.filtered and not permits(msg.subject):
                 stats.filtered += 1
                 return
-            frame = encode_nats_message(msg)
+            frame = text_frame(encode_nats_message(msg))
             topic.delivered += 1
             for client in topic.clients:
                 client.send(frame)

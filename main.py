@@ -226,9 +226,8 @@ async def serve_websocket(request: web.Request, config: Config, manager: WSSMana
     # aiohttp fixes the pong timeout at half the ping interval; ours is a setting.
     ws._pong_heartbeat = config.pong_timeout
     await ws.prepare(request)
-    peer = request.remote or "?"
-    client = manager.register(ws, peer, nats_connected(request.app))
-    logger.info("connection %s opened from %s", client.id, peer)
+    client = manager.register(request, ws, nats_connected(request.app))
+    logger.info("connection %s opened from %s", client.id, client.peer)
     try:
         async for msg in ws:
             if msg.type is WSMsgType.TEXT:
@@ -245,7 +244,7 @@ async def serve_websocket(request: web.Request, config: Config, manager: WSSMana
         await manager.unregister(client)
         logger.info(
             "connection %s closed: peer %s, code %s, %d frames sent, %d dropped, %.1f s",
-            client.id, peer, client.close_code or ws.close_code, client.sent, client.dropped,
+            client.id, client.peer, client.close_code or ws.close_code, client.sent, client.dropped,
             time.monotonic() - client.opened,
         )
     return ws
