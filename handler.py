@@ -84,7 +84,11 @@ def subject_error(subject: str, max_length: int, wildcards: bool = True) -> str 
     """
     if not subject:
         return "Invalid subject '': must not be empty"
-    if len(subject.encode()) > max_length:
+    try:
+        encoded = subject.encode()
+    except UnicodeEncodeError:  # a lone surrogate from a JSON \ud800 escape
+        return f"Invalid subject {subject!r}: not valid Unicode"
+    if len(encoded) > max_length:
         return f"Invalid subject: longer than {max_length} bytes"
     for ch in subject:
         if ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F:
@@ -211,8 +215,7 @@ def encode_nats_message(msg: Msg) -> bytes:
         extra += ',"headers":' + json.dumps(msg.headers, ensure_ascii=False)
     if msg.reply:
         extra += ',"reply":' + json.dumps(msg.reply, ensure_ascii=False)
-    # surrogatepass: a lone surrogate escaped in the payload's JSON stays legal.
-    return (head + body + extra + "}").encode("utf-8", "surrogatepass")
+    return (head + body + extra + "}").encode("utf-8")
 
 
 WRITE_BATCH_BYTES = 256 * 1024
@@ -236,7 +239,12 @@ def close_frame(code: int, reason: bytes) -> bytes:
 
 
 def dump(frame: dict[str, Any]) -> bytes:
-    return json.dumps(frame, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    try:
+        return json.dumps(frame, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate echoed from the client (an id, an action) is not
+        # UTF-8; as a \u escape it is still valid JSON in a valid text frame.
+        return json.dumps(frame).encode("ascii")
 
 
 def reply(success: bool, message: str, request_id: Any = None, **extra: Any) -> dict[str, Any]:
@@ -586,6 +594,8 @@ class WSSManager:
 
     async def handle_text(self, client: Client, text: str) -> None:
         """One control frame from the client; every outcome is a reply frame."""
+        if client.closing:  # already cut off (flooding, slow): nothing more to say
+            return
         if not client.take_control_token():
             self.stats.bad_frames["rate"] += 1
             if client.strike():
@@ -818,9 +828,12 @@ def _publish_payload(body: dict[str, Any]) -> bytes:
             return base64.b64decode(data, validate=True)
         except binascii.Error as exc:
             raise BadFrame("publish", f"Invalid base64: {exc}") from None
-    if isinstance(data, str):
-        return data.encode("utf-8", "surrogatepass")
-    return json.dumps(data, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    try:
+        if isinstance(data, str):
+            return data.encode("utf-8")
+        return json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadFrame("publish", "data is not valid Unicode (lone surrogate)") from None
 
 
 def _json_type(value: Any) -> str:

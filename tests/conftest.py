@@ -28,6 +28,8 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from schema_check import validate_server_frame  # noqa: E402
+
 import main  # noqa: E402
 
 TIMEOUT = 10.0
@@ -222,7 +224,10 @@ class WSClient:
         msg = await asyncio.wait_for(self.ws.receive(), timeout)
         if msg.type is not aiohttp.WSMsgType.TEXT:
             raise AssertionError(f"expected a text frame, got {msg.type!r} {msg.data!r} {msg.extra!r}")
-        return json.loads(msg.data)
+        frame = json.loads(msg.data)
+        # Every frame any test receives is checked against the published protocol.
+        validate_server_frame(frame)
+        return frame
 
     async def receive_message(self, timeout: float = TIMEOUT) -> dict[str, Any]:
         """The next forwarded NATS message, skipping control frames."""

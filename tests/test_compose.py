@@ -1,0 +1,576 @@
+"""docker-compose.yml and the Dockerfile, checked without a Docker engine.
+
+No engine runs here, so `docker compose up` cannot.  Instead the files are read
+and their wiring checked against the app itself, and the bridge is started the
+way the container would start it: the Dockerfile's CMD, run in a directory that
+holds only what the Dockerfile COPYs, with the Dockerfile's ENV and the compose
+``environment`` (service host names mapped to loopback, container ports to the
+test's ports), against the session's real nats-server.
+"""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import glob
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+import yaml
+from conftest import ROOT, BridgeProcess, NatsServer, free_port, wait_for_port
+
+import main
+
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+NATS_CLIENT_PORT = 4222
+NATS_MONITOR_PORT = 8222
+LIVE_MESSAGE_TIMEOUT = 5.0  # the default TEST_PUBLISH_INTERVAL is 1 s
+PIP_INSTALL_REQUIREMENTS = r"pip install -r (\S*/)?requirements\.txt"
+
+
+# ---------------------------------------------------------------------------
+# Reading the files
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Instruction:
+    keyword: str
+    args: str
+
+    def exec_form(self) -> list[str] | None:
+        """The JSON-array (exec) form of the arguments, or None for shell form."""
+        try:
+            value = json.loads(self.args)
+        except ValueError:
+            return None
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        return None
+
+
+def dockerfile() -> list[Instruction]:
+    """The Dockerfile's instructions, continuation lines joined, comments dropped."""
+    instructions: list[Instruction] = []
+    pending = ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line = pending + line
+        pending = ""
+        keyword, _, args = line.partition(" ")
+        instructions.append(Instruction(keyword.upper(), args.strip()))
+    assert not pending, "the Dockerfile ends in a continuation line"
+    return instructions
+
+
+def final_stage() -> list[Instruction]:
+    """The instructions of the image itself: from the last FROM on."""
+    instructions = dockerfile()
+    start = max(i for i, ins in enumerate(instructions) if ins.keyword == "FROM")
+    return instructions[start:]
+
+
+def only(keyword: str) -> list[Instruction]:
+    """``keyword`` instructions of the final stage."""
+    return [i for i in final_stage() if i.keyword == keyword]
+
+
+def last(keyword: str) -> Instruction:
+    found = only(keyword)
+    assert found, f"the Dockerfile has no {keyword}"
+    return found[-1]
+
+
+def dockerfile_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    for instruction in only("ENV"):
+        words = shlex.split(instruction.args)
+        if words and "=" not in words[0]:  # legacy `ENV KEY value`
+            env[words[0]] = " ".join(words[1:])
+            continue
+        for word in words:
+            key, _, value = word.partition("=")
+            env[key] = value
+    return env
+
+
+def copy_instructions(instructions: list[Instruction]) -> list[tuple[list[str], str]]:
+    """(sources, destination) of each COPY/ADD from the build context."""
+    copies = []
+    for instruction in instructions:
+        if instruction.keyword not in ("COPY", "ADD"):
+            continue
+        words = instruction.exec_form() or shlex.split(instruction.args)
+        if any(w.startswith("--from") for w in words):
+            continue
+        words = [w for w in words if not w.startswith("--")]
+        copies.append((words[:-1], words[-1]))
+    return copies
+
+
+def context_glob(source: str) -> list[str]:
+    """What a COPY source names in the build context (the repository root)."""
+    return glob.glob(source, root_dir=ROOT)
+
+
+def image_sources() -> list[str]:
+    """Every path of the build context the final image COPYs."""
+    return [m for sources, _ in copy_instructions(final_stage()) for s in sources for m in context_glob(s)]
+
+
+def healthcheck_command() -> list[str]:
+    args = last("HEALTHCHECK").args
+    _, found, command = args.partition("CMD ")
+    assert found, f"HEALTHCHECK without CMD: {args!r}"
+    parsed = Instruction("CMD", command.strip()).exec_form()
+    assert parsed is not None, f"HEALTHCHECK CMD is not in exec form: {command!r}"
+    return parsed
+
+
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+def service(name: str) -> dict[str, Any]:
+    services = compose()["services"]
+    assert name in services, f"docker-compose.yml has no {name!r} service"
+    return services[name]
+
+
+def compose_environment(name: str) -> dict[str, str]:
+    env = service(name).get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {key: str(value) for key, value in env.items()}
+
+
+def compose_healthcheck(name: str) -> list[str]:
+    test = service(name).get("healthcheck", {}).get("test")
+    assert test, f"the {name} service has no healthcheck"
+    if isinstance(test, str):
+        return ["CMD-SHELL", test]
+    return list(test)
+
+
+def container_env() -> dict[str, str]:
+    """The bridge container's environment: the image's ENV, then compose's."""
+    return {**dockerfile_env(), **compose_environment("bridge")}
+
+
+def app_port() -> int:
+    """The port the app listens on inside the container (what load_config resolves)."""
+    return main.load_config([], container_env()).http_port
+
+
+def published_ports(name: str) -> list[tuple[int, int]]:
+    """(host port, container port) pairs of a service's `ports`."""
+    pairs = []
+    for entry in service(name).get("ports") or []:
+        if isinstance(entry, dict):
+            pairs.append((int(entry["published"]), int(entry["target"])))
+            continue
+        parts = str(entry).split("/")[0].split(":")
+        pairs.append((int(parts[-2]), int(parts[-1])))
+    return pairs
+
+
+def url_paths(command: list[str]) -> list[str]:
+    """The HTTP paths a healthcheck command asks for ('…/healthz' or ':8222/healthz')."""
+    return re.findall(r"(?:'|\"|:\d+)(/[\w./-]*)", " ".join(command))
+
+
+def app_routes() -> set[tuple[str, str]]:
+    app = main.create_app(main.Config(test_publish_interval=0))
+    return {
+        (route.method, route.resource.canonical)
+        for route in app.http_server.web_app.router.routes()
+        if route.resource is not None
+    }
+
+
+def nats_service_names() -> list[str]:
+    return [
+        name
+        for name, svc in compose()["services"].items()
+        if str(svc.get("image", "")).split(":")[0] in ("nats", "library/nats", "docker.io/library/nats")
+    ]
+
+
+def dockerignored(path: str) -> bool:
+    patterns = [
+        line.strip()
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    path = path.rstrip("/")
+    return any(fnmatch.fnmatch(path, p.rstrip("/")) for p in patterns if not p.startswith("!"))
+
+
+# ---------------------------------------------------------------------------
+# Dockerfile
+# ---------------------------------------------------------------------------
+
+
+def test_dockerfile_every_stage_is_official_python_3_11_to_3_13_slim() -> None:
+    pattern = r"(docker\.io/library/)?python:3\.1[1-3](\.\d+)?-slim(-\w+)?(@sha256:\w+)?"
+    for instruction in (i for i in dockerfile() if i.keyword == "FROM"):
+        image = instruction.args.split()[0]
+        assert re.fullmatch(pattern, image), image
+
+
+def test_dockerfile_runs_as_a_non_root_user() -> None:
+    instructions = final_stage()
+    cmd_at = max(i for i, ins in enumerate(instructions) if ins.keyword == "CMD")
+    users = [ins.args for ins in instructions[:cmd_at] if ins.keyword == "USER"]
+    assert users, "no USER before CMD: the process would run as root"
+    user = users[-1].split(":")[0]
+    assert user not in ("root", "0"), users[-1]
+
+
+def test_dockerfile_cmd_runs_main_py_in_exec_form() -> None:
+    command = last("CMD").exec_form()
+    assert command is not None, "CMD is in shell form: /bin/sh would be PID 1 and swallow SIGTERM"
+    assert not only("ENTRYPOINT"), "an ENTRYPOINT would change what CMD means"
+    assert Path(command[0]).name.startswith("python"), command
+    assert command[1:] == ["main.py"], command
+
+
+def test_dockerfile_sets_pythonunbuffered() -> None:
+    assert dockerfile_env().get("PYTHONUNBUFFERED") == "1"
+
+
+def test_dockerfile_installs_requirements_in_a_layer_before_the_code() -> None:
+    instructions = dockerfile()
+
+    def index(predicate: Callable[[Instruction], bool], what: str) -> int:
+        found = [i for i, ins in enumerate(instructions) if predicate(ins)]
+        assert found, f"the Dockerfile has no {what}"
+        return found[0]
+
+    copy_requirements = index(
+        lambda i: i.keyword == "COPY" and "requirements.txt" in i.args and ".py" not in i.args,
+        "COPY of requirements.txt alone",
+    )
+    install = index(
+        lambda i: i.keyword == "RUN" and bool(re.search(PIP_INSTALL_REQUIREMENTS, i.args)),
+        "RUN pip install -r requirements.txt",
+    )
+    copy_code = index(
+        lambda i: i.keyword == "COPY" and ("main.py" in i.args or "*.py" in i.args),
+        "COPY of main.py",
+    )
+    assert copy_requirements < install < copy_code
+
+
+def test_dockerfile_installs_runtime_requirements_only() -> None:
+    commands = [i.args for i in dockerfile() if i.keyword in ("RUN", "COPY")]
+    assert not [c for c in commands if "requirements-dev" in c]
+    installs = [part for c in commands for part in re.findall(r"pip install[^&;|]*", c)]
+    assert installs
+    for install in installs:
+        assert re.fullmatch(PIP_INSTALL_REQUIREMENTS + r"\s*", install), install
+
+
+def test_dockerfile_image_runs_the_python_that_has_the_requirements() -> None:
+    # pip installs into a virtualenv in the build stage; the image must copy
+    # that virtualenv to the same path and put its bin/ first on PATH.
+    install = next(i.args for i in dockerfile() if i.keyword == "RUN" and "pip install" in i.args)
+    pip = re.search(r"(\S*)/bin/pip install", install)
+    if pip is None:  # a single stage installing into the system python
+        assert len([i for i in dockerfile() if i.keyword == "FROM"]) == 1
+        return
+    venv = pip.group(1)
+    copies = [i.args.split() for i in only("COPY") if i.args.startswith("--from")]
+    assert any(words[-2:] == [venv, venv] for words in copies), copies
+    assert dockerfile_env()["PATH"].startswith(f"{venv}/bin:"), dockerfile_env()["PATH"]
+
+
+def test_dockerfile_image_has_no_build_tools() -> None:
+    assert not [i for i in only("RUN") if "apt-get install" in i.args or "apk add" in i.args]
+
+
+def test_every_dockerfile_copy_source_exists_and_is_in_the_build_context() -> None:
+    for sources, _ in copy_instructions(dockerfile()):
+        for source in sources:
+            matches = context_glob(source)
+            assert matches, f"COPY {source}: nothing in the repository matches"
+            for match in matches:
+                assert not dockerignored(match), f"COPY {source}: {match} is excluded by .dockerignore"
+
+
+def test_dockerfile_copies_every_local_module_the_app_imports() -> None:
+    copied = {Path(match).name for match in image_sources()}
+    needed, todo = set(), ["main"]
+    while todo:
+        module = todo.pop()
+        if module in needed:
+            continue
+        needed.add(module)
+        tree = ast.parse((ROOT / f"{module}.py").read_text())
+        for node in ast.walk(tree):
+            names = (
+                [a.name for a in node.names] if isinstance(node, ast.Import)
+                else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0
+                else []
+            )
+            todo.extend(n.split(".")[0] for n in names if (ROOT / f"{n.split('.')[0]}.py").exists())
+    assert {f"{m}.py" for m in needed} <= copied, sorted(needed)
+    assert "static" in copied, "the page (static/) is not copied"
+
+
+def test_dockerfile_exposes_the_port_the_app_listens_on() -> None:
+    exposed = {int(p.split("/")[0]) for ins in only("EXPOSE") for p in ins.args.split()}
+    assert main.load_config([], dockerfile_env()).http_port in exposed
+
+
+def test_dockerfile_healthcheck_asks_healthz_with_python_not_curl() -> None:
+    command = healthcheck_command()
+    assert Path(command[0]).name.startswith("python"), command
+    assert url_paths(command) == ["/healthz"], command
+
+
+def test_dockerignore_keeps_dev_files_out_of_the_build_context() -> None:
+    for path in (".venv", ".git", "tests", "bench", "docs", "__pycache__", ".pytest_cache", ".ruff_cache"):
+        assert dockerignored(path), path
+
+
+# ---------------------------------------------------------------------------
+# docker-compose.yml
+# ---------------------------------------------------------------------------
+
+
+def test_compose_nats_service_uses_a_pinned_official_2x_image_with_a_shell() -> None:
+    image = service("nats")["image"]
+    assert re.fullmatch(r"nats:2(\.\d+){0,2}-alpine[\d.]*", image), image
+
+
+def test_compose_nats_runs_jetstream_and_monitoring_on_8222() -> None:
+    command = service("nats")["command"]
+    words = command if isinstance(command, list) else shlex.split(command)
+    assert {"-js", "--js", "--jetstream"} & set(words), words
+    flag = next(w for w in words if w in ("-m", "--http_port"))
+    assert words[words.index(flag) + 1] == str(NATS_MONITOR_PORT), words
+    assert not {"-p", "--port"} & set(words), "the client port must stay 4222"
+
+
+def test_compose_nats_healthcheck_asks_its_monitoring_endpoint() -> None:
+    command = compose_healthcheck("nats")
+    assert command[0] == "CMD" and command[1] == "wget", command  # the alpine image has busybox wget
+    assert f"127.0.0.1:{NATS_MONITOR_PORT}/healthz" in " ".join(command), command
+
+
+def test_compose_nats_url_names_the_nats_service_and_its_client_port() -> None:
+    urls = compose_environment("bridge")["NATS_URL"].split(",")
+    for url in urls:
+        parts = urlsplit(url)
+        assert parts.scheme == "nats", url
+        assert parts.hostname in nats_service_names(), url
+        assert parts.port == NATS_CLIENT_PORT, url
+
+
+def test_compose_bridge_is_built_from_the_repository_dockerfile() -> None:
+    build = service("bridge")["build"]
+    context = build if isinstance(build, str) else build.get("context", ".")
+    name = "Dockerfile" if isinstance(build, str) else build.get("dockerfile", "Dockerfile")
+    assert (COMPOSE_FILE.parent / context / name).resolve() == DOCKERFILE.resolve()
+
+
+def test_compose_bridge_publishes_the_port_the_app_listens_on() -> None:
+    port = app_port()
+    assert (5001, port) in published_ports("bridge"), published_ports("bridge")
+
+
+def test_compose_bridge_listens_on_all_interfaces_in_the_container() -> None:
+    # 127.0.0.1 inside a container is unreachable through the published port.
+    assert main.load_config([], container_env()).http_host == "0.0.0.0"
+
+
+def test_compose_bridge_waits_for_a_healthy_nats() -> None:
+    depends = service("bridge")["depends_on"]
+    assert isinstance(depends, dict), "depends_on needs the long form to wait for health"
+    assert depends["nats"]["condition"] == "service_healthy"
+
+
+def test_compose_bridge_healthcheck_asks_healthz_on_the_app_port() -> None:
+    command = compose_healthcheck("bridge")
+    assert command[0] == "CMD", command
+    assert url_paths(command) == ["/healthz"], command
+    ports = re.findall(r":(\d+)/", " ".join(command))
+    assert all(int(p) == app_port() for p in ports), command
+
+
+async def test_healthcheck_paths_are_get_routes_of_the_app() -> None:
+    # async: Panini's App wants an event loop to exist, as it does when the app serves.
+    routes = app_routes()
+    paths = url_paths(healthcheck_command()) + url_paths(compose_healthcheck("bridge"))
+    assert paths
+    for path in paths:
+        assert ("GET", path) in routes, f"{path} is not a route of the app: {sorted(routes)}"
+
+
+def test_compose_services_restart_unless_stopped() -> None:
+    for name in ("nats", "bridge"):
+        assert service(name).get("restart") == "unless-stopped", name
+
+
+# ---------------------------------------------------------------------------
+# The container's command and environment, run for real
+# ---------------------------------------------------------------------------
+
+
+def stage_image_files(workdir: Path) -> None:
+    """Lay out what the Dockerfile COPYs, as the image's WORKDIR would hold it."""
+    for sources, dest in copy_instructions(final_stage()):
+        target = workdir / dest
+        matches = [ROOT / m for s in sources for m in context_glob(s)]
+        for path in matches:
+            if path.is_dir():  # a directory's contents go into the destination
+                shutil.copytree(path, target, dirs_exist_ok=True)
+            elif dest.endswith("/") or len(matches) > 1:
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target / path.name)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target)
+
+
+def local_url(url: str, ports: dict[str, dict[int, int]]) -> str:
+    """A compose-network URL (nats://nats:4222) as seen from this machine."""
+    parts = urlsplit(url)
+    if parts.hostname not in ports:
+        return url
+    port = ports[parts.hostname].get(parts.port or 0, parts.port)
+    return urlunsplit(parts._replace(netloc=f"127.0.0.1:{port}"))
+
+
+def local_environment(nats_server: NatsServer, http_port: int) -> dict[str, str]:
+    """The container's environment with service names → 127.0.0.1 and test ports."""
+    ports = {
+        name: {NATS_CLIENT_PORT: nats_server.port, NATS_MONITOR_PORT: nats_server.monitor_port}
+        for name in nats_service_names()
+    }
+    env = {}
+    # The image's PATH leads to its virtualenv; here sys.executable plays that part.
+    for key, value in container_env().items():
+        if key == "PATH":
+            continue
+        if "://" in value:
+            value = ",".join(local_url(v, ports) for v in value.split(","))
+        env[key] = value
+    env["HTTP_PORT"] = str(http_port)
+    # Only PATH from outside: nothing from the developer's shell leaks in.
+    return {"PATH": os.environ.get("PATH", ""), **env}
+
+
+def local_command(command: list[str]) -> list[str]:
+    """The image's `python` is this interpreter (it has the runtime requirements)."""
+    if Path(command[0]).name.startswith("python"):
+        return [sys.executable, *command[1:]]
+    return command
+
+
+def container_command() -> list[str]:
+    command = service("bridge").get("command") or last("CMD").exec_form()
+    assert command, "no command for the bridge"
+    return command
+
+
+def workdir_of(root: Path) -> Path:
+    workdir = only("WORKDIR")
+    return root / workdir[-1].args.lstrip("/") if workdir else root
+
+
+def start_like_the_container(nats_server: NatsServer, root: Path) -> BridgeProcess:
+    stage_root = root / "image"
+    workdir = workdir_of(stage_root)
+    workdir.mkdir(parents=True)
+    # COPY destinations are relative to WORKDIR.
+    stage_image_files(workdir)
+    port = free_port()
+    proc = subprocess.Popen(
+        local_command(container_command()),
+        cwd=workdir,
+        env=local_environment(nats_server, port),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    bridge = BridgeProcess(proc=proc, port=port)
+    try:
+        wait_for_port(port, timeout=30, proc=proc)
+    except BaseException:
+        _, out = bridge.stop(signal.SIGKILL, timeout=10)
+        raise AssertionError(f"the bridge did not start:\n{out}") from None
+    return bridge
+
+
+@pytest.fixture(scope="module")
+def container_bridge(
+    nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BridgeProcess]:
+    bridge = start_like_the_container(nats_server, tmp_path_factory.mktemp("container"))
+    yield bridge
+    bridge.stop(signal.SIGTERM, timeout=20)
+
+
+def run_healthcheck(command: list[str], port: int) -> subprocess.CompletedProcess[str]:
+    assert command[0] == "CMD", command
+    env = {**container_env(), "PATH": os.environ.get("PATH", ""), "HTTP_PORT": str(port)}
+    return subprocess.run(
+        local_command(command[1:]), env=env, capture_output=True, text=True, timeout=15, check=False
+    )
+
+
+async def test_bridge_run_with_the_container_command_and_env_streams_live_test_messages(
+    container_bridge: BridgeProcess, ws_factory: Any
+) -> None:
+    client = await ws_factory(container_bridge.http_url.replace("http", "ws", 1) + "/stream")
+    assert client.welcome["nats"] == "connected"
+    await client.subscribe(main.TEST_SUBJECT)
+    frame = await client.receive_message(timeout=LIVE_MESSAGE_TIMEOUT)
+    assert frame["subject"] == main.TEST_SUBJECT
+    assert frame["data"]["key1"] == "value1"
+
+
+def test_dockerfile_healthcheck_passes_against_the_bridge_run_like_the_container(
+    container_bridge: BridgeProcess,
+) -> None:
+    result = run_healthcheck(["CMD", *healthcheck_command()], container_bridge.port)
+    assert result.returncode == 0, result.stderr
+
+
+def test_compose_healthcheck_passes_against_the_bridge_run_like_the_container(
+    container_bridge: BridgeProcess,
+) -> None:
+    result = run_healthcheck(compose_healthcheck("bridge"), container_bridge.port)
+    assert result.returncode == 0, result.stderr
+
+
+def test_healthcheck_fails_when_nothing_listens() -> None:
+    result = run_healthcheck(["CMD", *healthcheck_command()], free_port())
+    assert result.returncode != 0
+
+
+def test_bridge_run_like_the_container_exits_0_on_sigterm(nats_server: NatsServer, tmp_path: Path) -> None:
+    bridge = start_like_the_container(nats_server, tmp_path)
+    code, out = bridge.stop(signal.SIGTERM, timeout=20)
+    assert code == 0, out
