@@ -1,0 +1,504 @@
+"""The browser page (static/), in real Chromium driven by Playwright.
+
+Debian's Chromium only (`apt-get install -y chromium`), never a downloaded browser.
+Without it the module is skipped with one line, unless REQUIRE_BROWSER=1 (CI), where
+that is a failure.  Every page opened here is watched: a console error, a page error
+or a dialog fails the test that opened it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from conftest import ROOT, NatsServer, free_port
+
+CHROMIUM = shutil.which("chromium")
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("REQUIRE_BROWSER") == "1":
+        pytest.fail(f"{reason} (REQUIRE_BROWSER=1 makes this a failure)", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+try:
+    from playwright.async_api import Browser, Locator, Page, async_playwright, expect
+except ImportError:
+    _unavailable("playwright is not installed: pip install -r requirements-dev.txt")
+if CHROMIUM is None:
+    _unavailable("no chromium on PATH: apt-get install -y chromium")
+
+LAUNCH_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+TIMEOUT_MS = 10_000
+SCREENSHOT = ROOT / "docs" / "page.png"
+# Chromium logs a refused WebSocket handshake as a console error; only the restart
+# test, where the server is down on purpose, allows it.
+WS_REFUSED = re.compile(r"^WebSocket connection to '.*' failed")
+
+expect.set_options(timeout=TIMEOUT_MS)
+
+
+# ---------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Watched:
+    """A page and everything it did that a test may want to check."""
+
+    page: Page
+    errors: list[str] = field(default_factory=list)
+    dialogs: list[str] = field(default_factory=list)
+    sockets: list[str] = field(default_factory=list)
+    requests: list[str] = field(default_factory=list)
+    allowed: list[re.Pattern[str]] = field(default_factory=list)
+
+    def problems(self) -> list[str]:
+        unexpected = [e for e in self.errors if not any(p.search(e) for p in self.allowed)]
+        return unexpected + [f"dialog: {d}" for d in self.dialogs]
+
+
+@pytest_asyncio.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as pw:
+        launched = await pw.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS, timeout=30_000
+        )
+        try:
+            yield launched
+        finally:
+            await asyncio.wait_for(launched.close(), 30)
+
+
+OpenPage = Callable[..., Awaitable[Watched]]
+
+
+@pytest_asyncio.fixture
+async def open_page(browser: Browser) -> AsyncIterator[OpenPage]:
+    """Open a URL in a fresh context and wait until the page says it is connected."""
+    opened: list[Watched] = []
+
+    async def open_(url: str, width: int = 1100, height: int = 800, allow: tuple[re.Pattern[str], ...] = ()
+                    ) -> Watched:
+        context = await browser.new_context(viewport={"width": width, "height": height})
+        page = await context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        watched = Watched(page=page, allowed=list(allow))
+        opened.append(watched)
+
+        def on_console(msg: Any) -> None:
+            if msg.type == "error":
+                watched.errors.append(msg.text)
+
+        async def on_dialog(dialog: Any) -> None:
+            watched.dialogs.append(f"{dialog.type}: {dialog.message}")
+            await dialog.dismiss()
+
+        page.on("console", on_console)
+        page.on("pageerror", lambda exc: watched.errors.append(f"page error: {exc}"))
+        page.on("dialog", on_dialog)
+        page.on("websocket", lambda ws: watched.sockets.append(ws.url))
+        page.on("request", lambda req: watched.requests.append(req.url))
+        await page.goto(url, timeout=TIMEOUT_MS)
+        await expect(page.locator("#conn-state")).to_have_attribute("data-state", "connected")
+        return watched
+
+    yield open_
+    for watched in opened:
+        await asyncio.wait_for(watched.page.context.close(), 30)
+    problems = [p for watched in opened for p in watched.problems()]
+    assert not problems, f"the page logged errors or opened dialogs: {problems}"
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+
+def rows(page: Page, subject: str, text: str | None = None) -> Locator:
+    found = page.locator(f'#messages > li.msg[data-subject="{subject}"]')
+    return found.filter(has_text=text) if text is not None else found
+
+
+def chip(page: Page, subject: str) -> Locator:
+    return page.locator(f'#subscriptions > li.chip[data-subject="{subject}"]')
+
+
+async def publish_until_seen(nc: Any, row: Locator, subject: str, payload: bytes, **kw: Any) -> None:
+    """Publish until the row shows: the bridge's SUB may still be on its way to nats-server."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + TIMEOUT_MS / 1000
+    while True:
+        await nc.publish(subject, payload, **kw)
+        await nc.flush(timeout=5)
+        try:
+            await expect(row.first).to_be_visible(timeout=400)
+            return
+        except AssertionError:
+            if loop.time() > deadline:
+                raise
+
+
+async def publish(nc: Any, subject: str, payload: bytes, **kw: Any) -> None:
+    await nc.publish(subject, payload, **kw)
+    await nc.flush(timeout=5)
+
+
+async def subscribe_with_button(page: Page, subjects: str) -> None:
+    await page.get_by_label("Subject", exact=True).fill(subjects)
+    await page.get_by_role("button", name="Subscribe", exact=True).click()
+    for subject in subjects.split():
+        await expect(chip(page, subject)).to_have_attribute("data-state", "subscribed")
+
+
+def server_subjects(bridge: Any) -> list[set[str]]:
+    return [set(client.subjects) for client in bridge.manager.clients.values()]
+
+
+async def wait_listening(port: int, proc: subprocess.Popen[str], timeout: float = 30) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise RuntimeError(f"bridge exited with {proc.returncode}:\n{out}")
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1)
+        except (OSError, TimeoutError):
+            if loop.time() > deadline:
+                raise TimeoutError(f"nothing listening on {port} after {timeout} s") from None
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return
+
+
+# ---------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------
+
+
+async def test_raw_json_path(bridge: Any, nc: Any, open_page: OpenPage) -> None:
+    """JSON typed in the box goes out as is (plus an id); each reply shows under its request."""
+    page = (await open_page(bridge.http_url + "/")).page
+    box = page.get_by_label("JSON request")
+    assert await box.get_attribute("id") == "messageText"
+    log = page.locator("#raw-log > li")
+
+    await box.fill('{"subjects":["raw.one"],"action":"subscribe"}')
+    await box.press("Enter")
+    await expect(log.first).to_contain_text("Successfully connected to events: 'raw.one'")
+    await expect(chip(page, "raw.one")).to_have_attribute("data-state", "subscribed")
+    assert server_subjects(bridge) == [{"raw.one"}]
+    await publish_until_seen(nc, rows(page, "raw.one"), "raw.one", b'{"n": 1, "nested": {"ok": true}}')
+    await expect(rows(page, "raw.one").first.locator("pre")).to_contain_text('"n": 1')
+
+    # The Send button; the server's error sits under the request that caused it.
+    await box.fill('{"subjects": [')
+    await page.get_by_role("button", name="Send").click()
+    await expect(log.first.locator(".raw-request")).to_have_text('{"subjects": [')
+    await expect(log.first.locator(".reply.error")).to_contain_text("Invalid JSON")
+
+    # A request with its own id is matched by that id.
+    await box.fill('{"subjects":["raw.one"],"action":"dance","id":7}')
+    await box.press("Enter")
+    await expect(log.first.locator(".reply.error")).to_contain_text("has to specify action")
+    await expect(log.nth(1).locator(".reply")).to_have_count(1)
+
+    # Unsubscribe answers once per subject, each under the same request.
+    await box.fill('{"subjects":["raw.one","raw.never"],"action":"unsubscribe"}')
+    await page.get_by_role("button", name="Send").click()
+    await expect(log.first.locator(".reply.ok")).to_contain_text("unsubscribed from event: raw.one")
+    await expect(log.first.locator(".reply.error")).to_contain_text("did not subscribe to event raw.never")
+    await expect(chip(page, "raw.one")).to_have_count(0)
+    assert server_subjects(bridge) == [set()]
+
+    # ↑ in the empty box brings the last request back.
+    await box.press("ArrowUp")
+    await expect(box).to_have_value('{"subjects":["raw.one","raw.never"],"action":"unsubscribe"}')
+
+
+async def test_button_path(bridge: Any, nc: Any, open_page: OpenPage) -> None:
+    """Subject field + Subscribe/Unsubscribe; errors show next to the field."""
+    page = (await open_page(bridge.http_url + "/")).page
+    await subscribe_with_button(page, "btn.a btn.b")
+    assert server_subjects(bridge) == [{"btn.a", "btn.b"}]
+    await publish_until_seen(nc, rows(page, "btn.a"), "btn.a", b'{"hello": "world"}')
+
+    field_ = page.get_by_label("Subject", exact=True)
+    status = page.locator("#subject-status")
+    await field_.fill("btn.a")
+    await page.get_by_role("button", name="Unsubscribe", exact=True).click()
+    await expect(chip(page, "btn.a")).to_have_count(0)
+    await expect(status).to_have_text("Successfully unsubscribed from event: btn.a")
+    assert server_subjects(bridge) == [{"btn.b"}]
+
+    # Enter in the field subscribes; the server's refusal is shown beside it.
+    await field_.fill("bad..subject")
+    await field_.press("Enter")
+    await expect(status).to_contain_text("Invalid subject")
+    await expect(status).to_have_attribute("data-tone", "error")
+    await expect(chip(page, "bad..subject")).to_have_count(0)
+
+    await field_.fill("btn.never")
+    await page.get_by_role("button", name="Unsubscribe", exact=True).click()
+    await expect(status).to_contain_text("did not subscribe to event btn.never")
+    assert server_subjects(bridge) == [{"btn.b"}]
+
+
+async def test_removing_a_chip_unsubscribes(bridge: Any, nc: Any, open_page: OpenPage) -> None:
+    page = (await open_page(bridge.http_url + "/")).page
+    await subscribe_with_button(page, "chip.gone chip.kept")
+    await publish_until_seen(nc, rows(page, "chip.gone"), "chip.gone", b"before")
+    await publish_until_seen(nc, rows(page, "chip.kept"), "chip.kept", b"before")
+
+    # With the keyboard: focus the chip's button and press Enter.
+    await page.get_by_role("button", name="Unsubscribe from chip.gone").focus()
+    await page.keyboard.press("Enter")
+    await expect(chip(page, "chip.gone")).to_have_count(0)
+    await expect(chip(page, "chip.kept")).to_have_count(1)
+    assert server_subjects(bridge) == [{"chip.kept"}]
+
+    # Published in this order on one connection, so once the second shows the first
+    # would have too.
+    await publish(nc, "chip.gone", b"after-removal")
+    await publish(nc, "chip.kept", b"control-after")
+    await expect(rows(page, "chip.kept", "control-after")).to_have_count(1)
+    await expect(rows(page, "chip.gone", "after-removal")).to_have_count(0)
+
+
+async def test_payloads_render_as_text(bridge: Any, nc: Any, open_page: OpenPage) -> None:
+    """Text stays text, HTML is never parsed, base64 is marked, big values fold."""
+    watched = await open_page(bridge.http_url + "/")
+    page = watched.page
+    await subscribe_with_button(page, "pay.>")
+
+    await publish_until_seen(nc, rows(page, "pay.text"), "pay.text", b"hello plain text")
+    row = rows(page, "pay.text").first
+    await expect(row.locator(".badge")).to_have_text("text")
+    await expect(row.locator("pre")).to_have_text("hello plain text")
+
+    evil = "<img src=x onerror=alert(1)>"
+    await publish(nc, "pay.html", evil.encode())
+    await publish(nc, "pay.json", b'{"html": "<b>bold</b><script>alert(2)</script>"}')
+    await expect(rows(page, "pay.html").locator("pre")).to_have_text(evil)
+    await expect(rows(page, "pay.json").locator("pre")).to_contain_text("<b>bold</b><script>")
+    await expect(page.locator("#messages img, #messages b, #messages script")).to_have_count(0)
+    await expect(page.locator("img")).to_have_count(0)
+
+    await publish(nc, "pay.bin", b"\xff\x00\xfe")
+    bin_row = rows(page, "pay.bin")
+    await expect(bin_row.locator(".badge.base64")).to_have_text("base64 · 3 bytes")
+    await expect(bin_row.locator("pre")).to_have_text("/wD+")
+
+    await publish(nc, "pay.big", ('{"items": [' + ", ".join(map(str, range(60))) + "]}").encode())
+    details = rows(page, "pay.big").locator("details")
+    await expect(details).to_have_count(1)
+    await expect(details.locator("pre")).to_be_hidden()
+    await details.locator("summary").click()
+    await expect(details.locator("pre")).to_be_visible()
+    await expect(details.locator("pre")).to_contain_text('"items": [')
+
+    # Shown as sent: key order, big integers and number spellings survive.
+    await publish(nc, "pay.exact", b'{"b": 1, "2": [2, 1.0], "big": 12345678901234567890, "e": 1E+2}')
+    await expect(rows(page, "pay.exact").locator("pre")).to_have_text(
+        '{"b": 1, "2": [2, 1.0], "big": 12345678901234567890, "e": 1E+2}'
+    )
+
+    await publish(nc, "pay.hdr", b"{}", headers={"X-Trace": "abc-123"})
+    await expect(rows(page, "pay.hdr").locator(".headers")).to_contain_text("X-Trace")
+
+    await asyncio.sleep(0.3)  # give a would-be alert() its chance
+    assert watched.dialogs == []
+
+
+async def test_filter_pause_clear_rate_and_cap(bridge: Any, nc: Any, open_page: OpenPage) -> None:
+    page = (await open_page(bridge.http_url + "/")).page
+    await subscribe_with_button(page, "flow.>")
+    await publish_until_seen(nc, rows(page, "flow.a"), "flow.a", b"a0")
+    await publish(nc, "flow.b", b"b0")
+    await expect(rows(page, "flow.b")).to_have_count(1)
+
+    filter_ = page.get_by_label("Filter by subject")
+    for value, a_shown, b_shown in [("flow.a", True, False), ("*.b", False, True), ("flow.*", True, True)]:
+        await filter_.fill(value)
+        for subject, shown in (("flow.a", a_shown), ("flow.b", b_shown)):
+            target = expect(rows(page, subject).first)
+            await (target.to_be_visible() if shown else target.to_be_hidden())
+    await filter_.fill("nothing.like.this")
+    await expect(page.locator("#empty")).to_contain_text("No message matches")
+    await filter_.fill("")
+
+    # Pause keeps what arrives and shows it on resume, newest first.
+    await page.get_by_role("button", name="Pause").click()
+    await expect(page.locator("#pause")).to_have_text("Resume")
+    await publish(nc, "flow.a", b"held-1")
+    await publish(nc, "flow.a", b"held-2")
+    await expect(page.locator("#paused-note")).to_contain_text("2 new messages")
+    await expect(rows(page, "flow.a", "held-")).to_have_count(0)
+    await page.get_by_role("button", name="Resume (2)").click()
+    await expect(rows(page, "flow.a", "held-")).to_have_count(2)
+    await expect(page.locator("#messages > li").first).to_contain_text("held-2")
+    await expect(page.locator("#paused-note")).to_be_hidden()
+
+    # A burst shows as a rate, and the list keeps only the newest 500 rows.
+    for i in range(600):
+        await nc.publish("flow.burst", f"burst-{i}".encode())
+    await nc.flush(timeout=5)
+    await expect(page.locator("#rate")).to_have_text(re.compile(r"^(?!0 )\d+(\.\d)? msg/s$"))
+    await expect(page.locator("#messages > li").first).to_contain_text("burst-599")
+    await expect(page.locator("#messages > li")).to_have_count(500)
+    await expect(page.locator("#counts")).to_contain_text("the newest 500 are kept")
+
+    await page.get_by_role("button", name="Clear").click()
+    await expect(page.locator("#messages > li")).to_have_count(0)
+    await expect(page.locator("#empty")).to_be_visible()
+    await expect(page.locator("#counts")).to_have_text("0 shown · 0 received")
+
+
+async def test_nats_link_state(bridge_factory: Any, open_page: OpenPage) -> None:
+    """The bridge's status frames show whether its NATS link is up."""
+    private = NatsServer()
+    await asyncio.to_thread(private.start)
+    try:
+        bridge = await bridge_factory(nats_url=private.url, nats_reconnect_wait=0.2)
+        page = (await open_page(bridge.http_url + "/")).page
+        nats_state = page.locator("#nats-state")
+        await expect(nats_state).to_have_attribute("data-state", "connected")
+        await asyncio.to_thread(private.stop)
+        await expect(nats_state).to_have_attribute("data-state", "disconnected")
+        await expect(page.locator("#conn-detail")).to_contain_text("NATS connection lost")
+        await expect(page.locator("#conn-state")).to_have_attribute("data-state", "connected")
+        await asyncio.to_thread(private.start)
+        await expect(nats_state).to_have_attribute("data-state", "connected")
+    finally:
+        await asyncio.to_thread(private.stop)
+
+
+async def test_reconnects_and_resubscribes_after_bridge_restart(
+    nats_server: Any, bridge_process: Any, nc: Any, open_page: OpenPage
+) -> None:
+    port = free_port()
+    env = {"HTTP_PORT": str(port), "NATS_URL": nats_server.url, "TEST_PUBLISH_INTERVAL": "0",
+           "LOG_LEVEL": "WARNING"}
+    first = bridge_process(env=env, wait=False)
+    await wait_listening(port, first.proc)
+    watched = await open_page(f"http://127.0.0.1:{port}/", allow=(WS_REFUSED,))
+    page = watched.page
+    await subscribe_with_button(page, "restart.x")
+    await publish_until_seen(nc, rows(page, "restart.x", "before"), "restart.x", b"before")
+
+    code, _ = await asyncio.to_thread(first.stop)
+    assert code == 0
+    await expect(page.locator("#conn-state")).to_have_attribute("data-state", "reconnecting")
+    await expect(page.locator("#conn-detail")).to_contain_text("shutting down")
+    await expect(chip(page, "restart.x")).to_have_count(1)
+
+    second = bridge_process(env=env, wait=False)
+    await wait_listening(port, second.proc)
+    await expect(page.locator("#conn-state")).to_have_attribute("data-state", "connected", timeout=20_000)
+    await expect(chip(page, "restart.x")).to_have_attribute("data-state", "subscribed")
+    await expect(page.locator("#subject-status")).to_contain_text("renewed")
+    await publish_until_seen(nc, rows(page, "restart.x", "after"), "restart.x", b"after")
+    assert len(watched.sockets) >= 2
+    assert set(watched.sockets) == {f"ws://127.0.0.1:{port}/stream"}
+
+
+async def test_follows_its_location_on_another_port(bridge: Any, open_page: OpenPage) -> None:
+    """Served on a free port (not 5001), the page talks to that port and fetches nothing else."""
+    assert bridge.port != 5001
+    watched = await open_page(bridge.http_url + "/")
+    page = watched.page
+    assert watched.sockets == [f"ws://127.0.0.1:{bridge.port}/stream"]
+    foreign = [u for u in watched.requests if not u.startswith((bridge.http_url + "/", "data:"))]
+    assert foreign == []
+    [connection_id] = bridge.manager.clients
+    await expect(page.locator("#connection-id")).to_have_text(connection_id)
+
+    for path, content_types in [("/", ("text/html",)),
+                                ("/static/app.js", ("text/javascript", "application/javascript")),
+                                ("/static/style.css", ("text/css",))]:
+        response = await page.request.get(bridge.http_url + path)
+        assert response.status == 200, path
+        assert response.headers["content-type"].startswith(content_types), (path, response.headers)
+
+    # Disconnect is "closed" and stays so; Connect opens a new connection on the same URL.
+    await page.get_by_role("button", name="Disconnect").click()
+    await expect(page.locator("#conn-state")).to_have_attribute("data-state", "closed")
+    await expect(page.locator("#connection-id")).to_have_text("—")
+    await page.get_by_role("button", name="Connect", exact=True).click()
+    await expect(page.locator("#conn-state")).to_have_attribute("data-state", "connected")
+    await expect(page.locator("#connection-id")).not_to_have_text(re.compile(f"^(—|{connection_id})$"))
+    assert watched.sockets == [f"ws://127.0.0.1:{bridge.port}/stream"] * 2
+
+
+async def test_phone_width_and_keyboard(bridge: Any, nc: Any, open_page: OpenPage) -> None:
+    """At 375 px nothing scrolls sideways; every control is labelled and reachable by keyboard."""
+    page = (await open_page(bridge.http_url + "/", width=375, height=740)).page
+    unlabelled = await page.evaluate(
+        """() => [...document.querySelectorAll('input, button')]
+              .filter(e => !e.hidden && !(e.labels && e.labels.length) && !e.getAttribute('aria-label')
+                           && !e.textContent.trim())
+              .map(e => e.outerHTML)"""
+    )
+    assert unlabelled == []
+
+    await page.get_by_label("Subject", exact=True).focus()
+    await page.keyboard.type("phone.x")
+    await page.keyboard.press("Tab")
+    assert await page.evaluate("document.activeElement.id") == "subscribe"
+    await page.keyboard.press("Enter")
+    await expect(chip(page, "phone.x")).to_have_attribute("data-state", "subscribed")
+    long_line = '{"token": "' + "x" * 400 + '", "list": [' + ", ".join(["1.25"] * 80) + "]}"
+    await publish_until_seen(nc, rows(page, "phone.x"), "phone.x", long_line.encode())
+    await publish(nc, "phone.x", ("word" * 200).encode())
+    await expect(rows(page, "phone.x")).to_have_count(2)
+    overflow = await page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0
+
+
+async def test_screenshot_for_the_readme(bridge: Any, nc: Any, open_page: OpenPage) -> None:
+    """docs/page.png: the page at desktop width with a few messages (shown in README.md)."""
+    import main
+
+    page = (await open_page(bridge.http_url + "/", width=1280, height=900)).page
+    box = page.get_by_label("JSON request")
+    await box.fill('{"subjects":["test.subject"],"action":"subscribe"}')
+    await box.press("Enter")
+    await expect(chip(page, "test.subject")).to_have_attribute("data-state", "subscribed")
+    await subscribe_with_button(page, "orders.> sensors.*.temperature")
+
+    await publish_until_seen(nc, rows(page, "test.subject"), "test.subject",
+                             main.json.dumps(main.test_message()).encode())
+    await publish_until_seen(nc, rows(page, "orders.created"), "orders.created",
+                             b'{"order": 1042, "customer": "Ada", "total": 31.5, "items": 3}')
+    await publish_until_seen(nc, rows(page, "sensors.kitchen.temperature"), "sensors.kitchen.temperature",
+                             b"21.4")
+    await publish(nc, "orders.shipped", b"order 1042 left the warehouse", headers={"Trace-Id": "7f3a9c"})
+    await publish(nc, "orders.audit", bytes(range(250, 256)) + b"\x00\x01binary")
+    await publish(nc, "test.subject", main.json.dumps(main.test_message()).encode())
+    await expect(page.locator("#messages > li")).to_have_count(6)
+    await asyncio.sleep(1.1)  # one tick of the rate
+    await page.get_by_label("Subject", exact=True).blur()
+
+    await asyncio.to_thread(SCREENSHOT.parent.mkdir, exist_ok=True)
+    png = await page.screenshot(path=str(SCREENSHOT), full_page=False, timeout=TIMEOUT_MS)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
