@@ -604,7 +604,9 @@ class WSSManager:
                 client.close_soon(CLOSE_POLICY_VIOLATION, "control frame rate exceeded")
                 return
             rate = self.limits.control_rate
-            client.send_json(reply(False, f"Rate limit: at most {rate:g} control frames per second"))
+            client.send_json(
+                reply(False, f"Rate limit: at most {rate:g} control frames per second", _peek_id(text))
+            )
             return
         for frame in await self.handle_request(client, text):
             client.send_json(frame)
@@ -671,8 +673,9 @@ class WSSManager:
         except (TimeoutError, NatsError, OSError) as exc:
             # NATS refused or is down: tell the client, keep the connection.
             logger.warning("subscribe %s for client %s failed: %r", wanted, client.id, exc)
-            return reply(False, f"Could not subscribe: {exc or type(exc).__name__}", request_id)
-        return reply(True, msg_subscribed(subjects), request_id)
+            return reply(False, f"Could not subscribe: {exc or type(exc).__name__}", request_id,
+                         action="subscribe", subjects=subjects)
+        return reply(True, msg_subscribed(subjects), request_id, action="subscribe", subjects=subjects)
 
     async def unsubscribe(
         self, client: Client, subjects: list[str], request_id: Any = None
@@ -682,9 +685,11 @@ class WSSManager:
         await self._remove(client, held)
         for subject in subjects:
             if subject in held:
-                replies.append(reply(True, msg_unsubscribed(subject), request_id))
+                replies.append(reply(True, msg_unsubscribed(subject), request_id,
+                                     action="unsubscribe", subjects=[subject]))
             else:
-                replies.append(reply(False, msg_not_subscribed(subject), request_id))
+                replies.append(reply(False, msg_not_subscribed(subject), request_id,
+                                     action="unsubscribe", subjects=[subject]))
         return replies
 
     async def publish(self, body: dict[str, Any], request_id: Any = None) -> dict[str, Any]:
@@ -704,9 +709,10 @@ class WSSManager:
         try:
             await self._nats().publish(subject, payload)
         except (TimeoutError, NatsError, OSError) as exc:
-            return reply(False, f"Could not publish: {exc or type(exc).__name__}", request_id)
+            return reply(False, f"Could not publish: {exc or type(exc).__name__}", request_id,
+                         action="publish", subjects=[subject])
         self.stats.published += 1
-        return reply(True, f"Published to {subject}", request_id)
+        return reply(True, f"Published to {subject}", request_id, action="publish", subjects=[subject])
 
     # -- shared NATS subscriptions -------------------------------------------
 
@@ -801,6 +807,15 @@ def _parse_object(text: str | bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadFrame("not_object", f"Expected a JSON object, got {_json_type(body)}")
     return body
+
+
+def _peek_id(text: str) -> Any:
+    """The id of a frame we will not otherwise process, so even that reply can be matched."""
+    try:
+        body = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return _echoable(body.get("id")) if isinstance(body, dict) else None
 
 
 def _echoable(request_id: Any) -> Any:

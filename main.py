@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import json
 import logging
+import mimetypes
 import random
 import re
 import sys
@@ -32,6 +33,8 @@ from handler import CLOSE_GOING_AWAY, WSSManager
 logger = logging.getLogger("bridge")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+# The static route guesses types from this table; the RFC 9239 name, not the legacy one.
+mimetypes.add_type("text/javascript", ".js")
 TOKEN_COOKIE = "bridge_token"
 
 # ---------------------------------------------------------------------------
