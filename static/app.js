@@ -29,6 +29,12 @@
     connRetry: $("conn-retry"),
     connToggle: $("conn-toggle"),
     connectionId: $("connection-id"),
+    publishPanel: $("publish-panel"),
+    publishForm: $("publish-form"),
+    publishSubject: $("publish-subject"),
+    publishData: $("publish-data"),
+    publishKind: $("publish-kind"),
+    publishStatus: $("publish-status"),
     subjectForm: $("subject-form"),
     subject: $("subject"),
     unsubscribe: $("unsubscribe"),
@@ -59,11 +65,17 @@
     return text.length > max ? text.slice(0, max - 1) + "…" : text;
   }
 
+  // A token given in the page's own address (/?token=…): browsers cannot put headers on a
+  // WebSocket, so it goes on to the socket's URL the same way.
+  const TOKEN = new URLSearchParams(window.location.search).get("token") || "";
+
   // The socket lives next to the page: same scheme (ws/wss), host, port and path prefix.
   function streamUrl() {
     const url = new URL("stream", window.location.href);
     url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+    url.search = "";
     url.hash = "";
+    if (TOKEN) url.searchParams.set("token", TOKEN);
     return url.href;
   }
 
@@ -82,6 +94,7 @@
     tickTimer: null,
     retryAt: 0,
     dropReason: "", // why the last open connection ended, kept while retrying
+    failures: 0, // attempts in a row that never opened
   };
 
   const STATE_TEXT = {
@@ -130,8 +143,11 @@
       if (conn.ws !== ws) return;
       conn.openedAt = Date.now();
       conn.everOpen = true;
+      conn.failures = 0;
       setState("connected");
-      setDetail(conn.dropReason ? "Reconnected." : "");
+      // Keep saying why the last connection ended: the reconnect is quick, the cause matters.
+      const why = conn.dropReason;
+      setDetail(why ? `Reconnected. The last connection ended: ${why[0].toLowerCase()}${why.slice(1)}.` : "");
       conn.dropReason = "";
       resubscribe();
     });
@@ -143,35 +159,72 @@
     });
   }
 
+  // Close codes the bridge sends on purpose (docs/protocol.md), in words.
+  const CLOSE_TEXT = {
+    1001: "The bridge is shutting down",
+    1008: "The bridge closed the connection because this page sent requests too fast (rate limit, code 1008)",
+    1009: "The bridge closed the connection because a request was larger than it accepts (code 1009)",
+    1011: "The bridge closed the connection after an internal error (code 1011)",
+    1013: "The bridge cut this page off because it fell behind reading messages (slow consumer, code 1013)",
+  };
+  // The bridge's reason for these only repeats what the text above says.
+  const SAID_CLOSES = new Set([1001, 1008, 1013]);
+  const ERROR_CLOSES = new Set([1008, 1009, 1011, 1013]);
+  // After these, wait a little before trying again: hammering the bridge would not help.
+  const SLOW_RETRY_CLOSES = new Set([1008, 1013]);
+
   function describeClose(event) {
-    const reason = event.reason ? `: ${event.reason}` : "";
-    if (event.code === 1001) return "The server is shutting down" + reason;
-    if (event.code === 1013) return "The server cut this page off because it fell behind (slow consumer)";
-    if (event.code === 1006) return conn.openedAt ? "The connection was lost" : "The server could not be reached";
+    const reason = event.reason && !SAID_CLOSES.has(event.code) ? `: ${clip(event.reason, 200)}` : "";
+    if (CLOSE_TEXT[event.code]) return CLOSE_TEXT[event.code] + reason;
+    if (event.code === 1006) return "The connection was lost";
     if (event.code === 1000) return "The connection was closed" + reason;
     return `The connection closed (code ${event.code}${reason})`;
   }
 
+  // A refused handshake (401 no token, 403 other origin, 503 full) looks to a page exactly
+  // like a bridge that is down: the socket fails with 1006.  Say what it may be.
+  function refusedHint() {
+    const what = "It is down, full, or refusing this page.";
+    if (TOKEN) return `${what} The token in this page's address may be wrong.`;
+    return `${what} If this bridge needs a token, open the page as ${window.location.pathname}?token=…`;
+  }
+
+  function cannotConnectText() {
+    if (conn.failures < 2) return `Cannot reach the bridge (attempt ${conn.failures}).`;
+    return `Cannot connect to the bridge (attempt ${conn.failures}). ${refusedHint()}`;
+  }
+
   function onClose(event) {
-    const lived = conn.openedAt ? Date.now() - conn.openedAt : 0;
+    const opened = conn.openedAt > 0;
+    const lived = opened ? Date.now() - conn.openedAt : 0;
     conn.ws = null;
     conn.openedAt = 0;
     ui.connectionId.textContent = "—";
     setNats("unknown");
-    dropPending();
+    dropPending(event.code);
     if (conn.userClosed) {
       setState("closed");
       setDetail("Disconnected. Subscriptions are kept and renewed when you connect.");
       return;
     }
     if (lived >= STABLE_MS) conn.attempt = 0;
-    if (lived > 0 || !conn.dropReason) {
+    if (opened) {
+      conn.failures = 0;
       conn.dropReason = describeClose(event);
-      setDetail(conn.dropReason + ".", event.code === 1013 ? "error" : "");
+      setDetail(conn.dropReason + ".", ERROR_CLOSES.has(event.code) ? "error" : "");
     } else {
-      setDetail(`${conn.dropReason}. Not reachable yet (attempt ${conn.attempt}).`);
+      conn.failures += 1;
+      if (!conn.everOpen) {
+        setDetail(cannotConnectText(), conn.failures >= 2 ? "error" : "");
+      } else {
+        // It was connected before: most likely a restart, so say what ended it first.
+        const more = conn.failures >= 4 ? ` ${refusedHint()}` : "";
+        const why = conn.dropReason || "The bridge could not be reached";
+        setDetail(`${why}. Not reachable yet (attempt ${conn.failures}).${more}`,
+          conn.failures >= 4 ? "error" : "");
+      }
     }
-    scheduleReconnect(event.code === 1013 ? 2000 : 0);
+    scheduleReconnect(opened && SLOW_RETRY_CLOSES.has(event.code) ? 2000 : 0);
   }
 
   function scheduleReconnect(minDelay = 0) {
@@ -336,6 +389,7 @@
     if (frame.type === "welcome") {
       ui.connectionId.textContent = String(frame.connection_id ?? "—");
       if (frame.nats) setNats(frame.nats);
+      showPublish(frame.publish === true);
     } else if (frame.type === "status") {
       if (frame.nats) setNats(frame.nats, frame.message);
       setDetail(frame.message ? String(frame.message) : "", frame.success === false ? "error" : "");
@@ -448,9 +502,13 @@
     const message = String(frame.message ?? "");
     if (req.action === "unsubscribe" && req.subjects) {
       // One reply per subject, in the order given, unless the whole request was refused.
-      const perSubject = ok || message.startsWith(NOT_SUBSCRIBED_PREFIX);
+      // Replies name their action and subject; older bridges only said it in `message`.
+      const perSubject = frame.action !== undefined
+        ? frame.action === "unsubscribe" && oneSubject(frame) !== null
+        : ok || message.startsWith(NOT_SUBSCRIBED_PREFIX);
       if (perSubject) {
-        const subject = req.subjects[req.index++];
+        const subject = oneSubject(frame) ?? req.subjects[req.index];
+        req.index += 1;
         subs.delete(subject);
         report(req, ok, message, subject);
         return req.index >= req.subjects.length;
@@ -481,20 +539,34 @@
     return true;
   }
 
+  function oneSubject(frame) {
+    const s = frame.subjects;
+    return Array.isArray(s) && s.length === 1 && typeof s[0] === "string" ? s[0] : null;
+  }
+
   // The socket closed: nothing pending will be answered.
-  function dropPending() {
+  function dropPending(code) {
     const all = [...pendingAnon];
     for (const queue of pendingById.values()) all.push(...queue);
     pendingAnon.length = 0;
     pendingById.clear();
+    // 1009: one of these requests was too large for the bridge.  Sending its subjects
+    // again on reconnect would only be cut off again, for ever.
+    const tooLarge = code === 1009;
     for (const req of all) {
       if (req.action === "unsubscribe" && req.subjects) {
         // Not renewed on reconnect, which is what was asked.
         for (const s of req.subjects) if (subs.get(s)?.state === "removing") subs.delete(s);
       }
-      if (req.origin === "raw" || req.origin === "form") {
-        const renewed = req.action === "subscribe" && req.subjects ? "; it is sent again on reconnect" : "";
-        report(req, false, "No reply: the connection closed" + renewed);
+      const subscribe = req.action === "subscribe" && req.subjects;
+      if (subscribe && tooLarge) {
+        for (const s of req.added) if (subs.get(s)?.state === "pending") subs.delete(s);
+      }
+      if (req.origin === "raw" || req.origin === "form" || req.origin === "publish") {
+        let why = "No reply: the connection closed";
+        if (tooLarge) why += " (a request was too large); not sent again";
+        else if (subscribe) why += "; it is sent again on reconnect";
+        report(req, false, why);
       }
     }
     for (const sub of subs.values()) if (sub.state === "subscribed") sub.state = "pending";
@@ -510,18 +582,30 @@
     }
   }
 
-  // A backend changed our subscriptions with POST /clients/{id}: keep the chips true.
+  // A backend acted for this page with POST /clients/{id}: keep the chips true.
   function onBackendReply(frame) {
+    const ok = frame.success === true;
     const message = String(frame.message ?? "");
-    if (frame.success === true && message.startsWith(SUBSCRIBED_PREFIX)) {
-      for (const s of parsePythonList(message.slice(SUBSCRIBED_PREFIX.length))) {
-        subs.set(s, { state: "subscribed" });
+    let action = frame.action;
+    let subjects = Array.isArray(frame.subjects) ? frame.subjects.filter((s) => typeof s === "string") : null;
+    if (action === undefined && ok) {
+      // An older bridge: the subjects are only in the message.
+      if (message.startsWith(SUBSCRIBED_PREFIX)) {
+        action = "subscribe";
+        subjects = parsePythonList(message.slice(SUBSCRIBED_PREFIX.length));
+      } else if (message.startsWith(UNSUBSCRIBED_PREFIX)) {
+        action = "unsubscribe";
+        subjects = [message.slice(UNSUBSCRIBED_PREFIX.length).trim()];
       }
-    } else if (frame.success === true && message.startsWith(UNSUBSCRIBED_PREFIX)) {
-      subs.delete(message.slice(UNSUBSCRIBED_PREFIX.length).trim());
+    }
+    if (ok && subjects && action === "subscribe") {
+      for (const s of subjects) subs.set(s, { state: "subscribed" });
+    } else if (ok && subjects && action === "unsubscribe") {
+      for (const s of subjects) subs.delete(s);
     }
     renderChips();
-    setStatus(ui.subjectStatus, frame.success === true, "A backend asked: " + message);
+    const where = action === "publish" && !ui.publishPanel.hidden ? ui.publishStatus : ui.subjectStatus;
+    setStatus(where, ok, "A backend asked: " + message);
   }
 
   // "'a', 'b'" (Python's list formatting) -> ["a", "b"]
@@ -545,6 +629,8 @@
   function report(req, ok, message, subject) {
     if (req.origin === "raw") {
       addRawReply(req, ok, message);
+    } else if (req.origin === "publish") {
+      setStatus(ui.publishStatus, ok, message);
     } else if (req.origin === "resubscribe") {
       if (ok) setStatus(ui.subjectStatus, true, "Subscriptions renewed after reconnecting.");
       else setStatus(ui.subjectStatus, false, "Could not renew subscriptions: " + message);
@@ -672,6 +758,76 @@
       again?.querySelector("button:not(:disabled)")?.focus();
     }
   }
+
+  // ---------------------------------------------------------------------------
+  // Publish box (only when the welcome frame says the bridge allows publishing)
+  // ---------------------------------------------------------------------------
+
+  function showPublish(allowed) {
+    ui.publishPanel.hidden = !allowed;
+  }
+
+  // Data that parses as JSON goes as that JSON value, verbatim (big numbers and key order
+  // survive); anything else as a string.
+  function publishData() {
+    const raw = ui.publishData.value;
+    const trimmed = raw.trim();
+    if (trimmed) {
+      try {
+        const value = JSON.parse(trimmed);
+        const kind = Array.isArray(value) ? "array" : value === null ? "null" : typeof value;
+        return { json: trimmed, kind: `JSON ${kind}` };
+      } catch {
+        // not JSON: text
+      }
+    }
+    return { json: JSON.stringify(raw), kind: raw ? "text" : "empty text" };
+  }
+
+  function showPublishKind() {
+    ui.publishKind.textContent = `sent as ${publishData().kind}`;
+  }
+
+  // The data box starts one line high, like the subject beside it, and grows with its text.
+  function fitPublishData() {
+    const box = ui.publishData;
+    box.style.height = "auto";
+    box.style.height = `${box.scrollHeight + box.offsetHeight - box.clientHeight}px`;
+  }
+
+  function publishFromForm() {
+    const subject = ui.publishSubject.value.trim();
+    if (!subject) {
+      setStatus(ui.publishStatus, false, "Type the subject to publish to.");
+      ui.publishSubject.focus();
+      return;
+    }
+    if (!isOpen()) {
+      setStatus(ui.publishStatus, false, "Not sent: not connected.");
+      return;
+    }
+    const id = `page-${nextId++}`;
+    const text = `{"action":"publish","subject":${JSON.stringify(subject)},"data":${publishData().json},` +
+      `"id":${JSON.stringify(id)}}`;
+    setStatus(ui.publishStatus, true, `Publishing to ${subject}…`);
+    send(text, { action: "publish", subject, id }, "publish");
+  }
+
+  ui.publishForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    publishFromForm();
+  });
+  ui.publishData.addEventListener("input", () => {
+    showPublishKind();
+    fitPublishData();
+  });
+  ui.publishData.addEventListener("keydown", (event) => {
+    // Enter makes a new line in the data; Ctrl+Enter (⌘+Enter) publishes.
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+      event.preventDefault();
+      publishFromForm();
+    }
+  });
 
   // ---------------------------------------------------------------------------
   // Raw JSON box
@@ -1045,5 +1201,6 @@
 
   renderChips();
   updateCounts();
+  showPublishKind();
   connect();
 })();

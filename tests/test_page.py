@@ -21,6 +21,8 @@ import pytest
 import pytest_asyncio
 from conftest import ROOT, NatsServer, free_port
 
+import main
+
 CHROMIUM = shutil.which("chromium")
 
 
@@ -47,8 +49,8 @@ LAUNCH_ARGS = [
 ]
 TIMEOUT_MS = 10_000
 SCREENSHOT = ROOT / "docs" / "page.png"
-# Chromium logs a refused WebSocket handshake as a console error; only the restart
-# test, where the server is down on purpose, allows it.
+# Chromium logs a refused WebSocket handshake as a console error; only the tests where
+# that is the point (the bridge restarting, a page without its token) allow it.
 WS_REFUSED = re.compile(r"^WebSocket connection to '.*' failed")
 
 expect.set_options(timeout=TIMEOUT_MS)
@@ -68,6 +70,7 @@ class Watched:
     dialogs: list[str] = field(default_factory=list)
     sockets: list[str] = field(default_factory=list)
     requests: list[str] = field(default_factory=list)
+    frames_received: int = 0
     allowed: list[re.Pattern[str]] = field(default_factory=list)
 
     def problems(self) -> list[str]:
@@ -92,11 +95,12 @@ OpenPage = Callable[..., Awaitable[Watched]]
 
 @pytest_asyncio.fixture
 async def open_page(browser: Browser) -> AsyncIterator[OpenPage]:
-    """Open a URL in a fresh context and wait until the page says it is connected."""
+    """Open a URL in a fresh context and wait until the page says it is connected
+    (unless ``connected=False``: a page the bridge is expected to refuse)."""
     opened: list[Watched] = []
 
-    async def open_(url: str, width: int = 1100, height: int = 800, allow: tuple[re.Pattern[str], ...] = ()
-                    ) -> Watched:
+    async def open_(url: str, width: int = 1100, height: int = 800, allow: tuple[re.Pattern[str], ...] = (),
+                    connected: bool = True) -> Watched:
         context = await browser.new_context(viewport={"width": width, "height": height})
         page = await context.new_page()
         page.set_default_timeout(TIMEOUT_MS)
@@ -114,10 +118,19 @@ async def open_page(browser: Browser) -> AsyncIterator[OpenPage]:
         page.on("console", on_console)
         page.on("pageerror", lambda exc: watched.errors.append(f"page error: {exc}"))
         page.on("dialog", on_dialog)
-        page.on("websocket", lambda ws: watched.sockets.append(ws.url))
+        def on_websocket(ws: Any) -> None:
+            watched.sockets.append(ws.url)
+
+            def on_frame(_payload: Any) -> None:
+                watched.frames_received += 1
+
+            ws.on("framereceived", on_frame)
+
+        page.on("websocket", on_websocket)
         page.on("request", lambda req: watched.requests.append(req.url))
         await page.goto(url, timeout=TIMEOUT_MS)
-        await expect(page.locator("#conn-state")).to_have_attribute("data-state", "connected")
+        if connected:
+            await expect(page.locator("#conn-state")).to_have_attribute("data-state", "connected")
         return watched
 
     yield open_
@@ -166,6 +179,11 @@ async def subscribe_with_button(page: Page, subjects: str) -> None:
     await page.get_by_role("button", name="Subscribe", exact=True).click()
     for subject in subjects.split():
         await expect(chip(page, subject)).to_have_attribute("data-state", "subscribed")
+
+
+async def welcomed(page: Page) -> None:
+    """The welcome frame has arrived (the connection id comes with it)."""
+    await expect(page.locator("#connection-id")).not_to_have_text(re.compile(r"^(—|)$"))
 
 
 def server_subjects(bridge: Any) -> list[set[str]]:
@@ -239,6 +257,11 @@ async def test_raw_json_path(bridge: Any, nc: Any, open_page: OpenPage) -> None:
 async def test_button_path(bridge: Any, nc: Any, open_page: OpenPage) -> None:
     """Subject field + Subscribe/Unsubscribe; errors show next to the field."""
     page = (await open_page(bridge.http_url + "/")).page
+    # Publishing is off on this bridge (no PUBLISH_ALLOW): once the welcome frame is in,
+    # the publish box stays hidden.
+    await welcomed(page)
+    await expect(page.locator("#publish-panel")).to_be_hidden()
+    await expect(page.get_by_label("Publish subject")).to_be_hidden()
     await subscribe_with_button(page, "btn.a btn.b")
     assert server_subjects(bridge) == [{"btn.a", "btn.b"}]
     await publish_until_seen(nc, rows(page, "btn.a"), "btn.a", b'{"hello": "world"}')
@@ -475,10 +498,114 @@ async def test_phone_width_and_keyboard(bridge: Any, nc: Any, open_page: OpenPag
     assert overflow <= 0
 
 
+async def test_token_from_the_page_address(nats_server: Any, bridge_factory: Any, nc: Any,
+                                           open_page: OpenPage) -> None:
+    """With AUTH_TOKENS, /?token=T reaches the socket as ?token=T; without it the page
+    never connects and says a token may be needed."""
+    bridge = await bridge_factory(nats_url=nats_server.url, auth_tokens=("t1",))
+    stream = f"ws://127.0.0.1:{bridge.port}/stream"
+    # The refused pages retry in the background while the one with the token is used.
+    missing = await open_page(bridge.http_url + "/", connected=False, allow=(WS_REFUSED,))
+    wrong = await open_page(bridge.http_url + "/?token=nope", connected=False, allow=(WS_REFUSED,))
+
+    watched = await open_page(bridge.http_url + "/?token=t1")
+    page = watched.page
+    assert watched.sockets == [stream + "?token=t1"]
+    await subscribe_with_button(page, "auth.x")
+    await publish_until_seen(nc, rows(page, "auth.x", "let in"), "auth.x", b"let in")
+    await expect(page.locator("#conn-detail")).to_be_hidden()  # empty: nothing went wrong
+
+    detail = missing.page.locator("#conn-detail")
+    await expect(detail).to_contain_text("If this bridge needs a token, open the page as /?token=")
+    await expect(detail).to_have_attribute("data-tone", "error")
+    await expect(wrong.page.locator("#conn-detail")).to_contain_text(
+        "token in this page's address may be wrong")
+    for refused, url in ((missing, stream), (wrong, stream + "?token=nope")):
+        await expect(refused.page.locator("#conn-state")).not_to_have_attribute("data-state", "connected")
+        assert len(refused.sockets) >= 2 and set(refused.sockets) == {url}
+        assert refused.frames_received == 0  # not even a welcome: it never connected
+    assert len(bridge.manager.clients) == 1  # the page with the token
+    assert bridge.app.http_server.web_app[main.LINK].refusals["auth"] >= 4
+
+
+async def test_publish_box(nats_server: Any, bridge_factory: Any, nc: Any, open_page: OpenPage) -> None:
+    """With PUBLISH_ALLOW the box shows; JSON goes as JSON, text as text; refusals show beside it."""
+    bridge = await bridge_factory(nats_url=nats_server.url, publish_allow=("chat.>",))
+    on_nats = await nc.subscribe("chat.room")
+    await nc.flush(timeout=5)
+    page = (await open_page(bridge.http_url + "/")).page
+    subject = page.get_by_label("Publish subject")
+    data = page.get_by_label("Data")
+    status = page.locator("#publish-status")
+    await expect(page.locator("#publish-panel")).to_be_visible()
+    await subscribe_with_button(page, "chat.>")
+
+    await subject.fill("chat.room")
+    await data.fill('{"n": 1}')
+    await expect(page.locator("#publish-kind")).to_have_text("sent as JSON object")
+    await page.get_by_role("button", name="Publish").click()
+    msg = await on_nats.next_msg(timeout=TIMEOUT_MS / 1000)
+    assert main.json.loads(msg.data) == {"n": 1}
+    await expect(status).to_have_text("Published to chat.room")
+    await expect(status).to_have_attribute("data-tone", "ok")
+    await expect(rows(page, "chat.room").first.locator("pre")).to_have_text('{"n": 1}')
+
+    # From the keyboard: not JSON, so a string; Ctrl+Enter in the data box publishes.
+    await data.fill("hello <b>there</b>")
+    await expect(page.locator("#publish-kind")).to_have_text("sent as text")
+    await data.press("Control+Enter")
+    msg = await on_nats.next_msg(timeout=TIMEOUT_MS / 1000)
+    assert msg.data == b"hello <b>there</b>"
+    await expect(rows(page, "chat.room", "hello <b>there</b>").locator(".badge")).to_have_text("text")
+
+    # Outside PUBLISH_ALLOW, and a wildcard: the bridge's refusal sits under the box.
+    await subject.fill("other.room")
+    await subject.press("Enter")
+    await expect(status).to_contain_text("Publishing to 'other.room' is not allowed")
+    await expect(status).to_have_attribute("data-tone", "error")
+    await subject.fill("chat.*")
+    await page.get_by_role("button", name="Publish").click()
+    await expect(status).to_contain_text("Invalid subject")
+    await expect(page.locator("#raw-log > li")).to_have_count(0)
+    await expect(rows(page, "chat.room")).to_have_count(2)
+
+
+async def test_close_codes_are_explained(nats_server: Any, bridge_factory: Any, open_page: OpenPage) -> None:
+    """1009 (frame too large) and 1008 (flooding) are said in words, and the page reconnects."""
+    bridge = await bridge_factory(nats_url=nats_server.url, max_frame_bytes=1024, control_rate=1)
+    page = (await open_page(bridge.http_url + "/")).page
+    detail = page.locator("#conn-detail")
+    box = page.get_by_label("JSON request")
+
+    await box.fill('{"subjects": ["big.' + "x" * 2000 + '"]}')
+    await box.press("Enter")
+    await expect(detail).to_contain_text("a request was larger than it accepts (code 1009)")
+    await expect(page.locator("#conn-state")).to_have_attribute("data-state", "connected")
+    await expect(detail).to_contain_text("Reconnected. The last connection ended: the bridge closed")
+    # The request that was too large is not sent again (that would loop for ever).
+    await expect(page.locator("#raw-log > li").first).to_contain_text("too large); not sent again")
+    await expect(page.locator("#subscriptions > li")).to_have_count(0)
+
+    # Requests far over CONTROL_RATE: rate-limit replies (matched by their id), then 1008.
+    await welcomed(page)
+    await page.evaluate(
+        """() => {
+            const box = document.getElementById('messageText');
+            for (let i = 0; i < 12; i++) {
+                box.value = '{"subjects": ["flood.x"], "action": "unsubscribe"}';
+                document.getElementById('raw-form').requestSubmit();
+            }
+        }"""
+    )
+    await expect(page.locator("#raw-log .reply.error").filter(has_text="Rate limit")).not_to_have_count(0)
+    await expect(detail).to_contain_text("sent requests too fast (rate limit, code 1008)")
+    await expect(detail).to_have_attribute("data-tone", "error")
+    # It waits a little before reconnecting after 1008 (not hammering the bridge).
+    await expect(page.locator("#conn-state")).to_have_text(re.compile(r"^Reconnecting in [12] s$"))
+
+
 async def test_screenshot_for_the_readme(bridge: Any, nc: Any, open_page: OpenPage) -> None:
     """docs/page.png: the page at desktop width with a few messages (shown in README.md)."""
-    import main
-
     page = (await open_page(bridge.http_url + "/", width=1280, height=900)).page
     box = page.get_by_label("JSON request")
     await box.fill('{"subjects":["test.subject"],"action":"subscribe"}')
@@ -502,3 +629,4 @@ async def test_screenshot_for_the_readme(bridge: Any, nc: Any, open_page: OpenPa
     await asyncio.to_thread(SCREENSHOT.parent.mkdir, exist_ok=True)
     png = await page.screenshot(path=str(SCREENSHOT), full_page=False, timeout=TIMEOUT_MS)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
