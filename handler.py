@@ -342,7 +342,7 @@ class Client:
         self._wakeup = asyncio.Event()
         self._closing = False
         # Token bucket for control frames, and a leaky count of rejected ones.
-        self._tokens = limits.control_rate
+        self._tokens = max(1.0, limits.control_rate)
         self._tokens_at = self.opened
         self._strikes = 0.0
         self._strikes_at = self.opened
@@ -448,7 +448,8 @@ class Client:
         """True if this control frame is within the client's rate."""
         rate = self._limits.control_rate
         now = time.monotonic()
-        self._tokens = min(rate, self._tokens + (now - self._tokens_at) * rate)
+        # The bucket holds at least one token, so rates below 1/s still allow frames.
+        self._tokens = min(max(1.0, rate), self._tokens + (now - self._tokens_at) * rate)
         self._tokens_at = now
         if self._tokens >= 1:
             self._tokens -= 1

@@ -223,7 +223,8 @@ async def serve_websocket(request: web.Request, config: Config, manager: WSSMana
     # client, while the uncompressed frame is built once for all of them.
     ws = web.WebSocketResponse(
         compress=False,
-        max_msg_size=config.max_frame_bytes,
+        # aiohttp refuses a frame of exactly max_msg_size; ours is the largest allowed.
+        max_msg_size=config.max_frame_bytes + 1,
         heartbeat=config.ping_interval or None,
     )
     # aiohttp fixes the pong timeout at half the ping interval; ours is a setting.

@@ -1,0 +1,381 @@
+"""Subject policy: NATS wildcard semantics, default deny, allow lists, publish from the browser.
+
+The matching helpers are checked against nats-server itself (which subjects a
+real subscription receives) and against a brute-force model over a small
+universe of subjects; the policy end to end through a real bridge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import uuid
+from typing import Any
+
+import pytest
+from conftest import TIMEOUT
+
+from handler import DEFAULT_DENY, SubjectPolicy, pattern_within, patterns_overlap, subject_matches
+
+
+def unique(prefix: str = "pol") -> str:
+    return f"{prefix}.{uuid.uuid4().hex[:12]}"
+
+
+# ---------------------------------------------------------------------------
+# A small universe: every pattern over tokens a, b, *, > (up to 3 tokens) and
+# every subject over a, b, c (up to 4 tokens).  'c' stands for "any other
+# token", so a witness subject for any pair of patterns exists in here.
+# ---------------------------------------------------------------------------
+
+
+def all_patterns(max_tokens: int = 3) -> list[str]:
+    patterns = []
+    for n in range(1, max_tokens + 1):
+        for head in itertools.product("ab*", repeat=n - 1):
+            for last in "ab*>":
+                patterns.append(".".join((*head, last)))
+    return patterns
+
+
+def all_subjects(max_tokens: int = 4) -> list[str]:
+    return [".".join(t) for n in range(1, max_tokens + 1) for t in itertools.product("abc", repeat=n)]
+
+
+PATTERNS = all_patterns()
+SUBJECTS = all_subjects()
+
+
+def matched_by(pattern: str) -> set[str]:
+    return {s for s in SUBJECTS if subject_matches(pattern, s)}
+
+
+# ---------------------------------------------------------------------------
+# subject_matches
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pattern", "subject", "expected"),
+    [
+        ("a.b", "a.b", True),
+        ("a.b", "a.c", False),
+        ("a.b", "a.b.c", False),
+        ("a.b.c", "a.b", False),
+        ("*", "a", True),
+        ("*", "a.b", False),
+        ("a.*", "a.b", True),
+        ("a.*", "a", False),
+        ("a.*", "a.b.c", False),
+        ("*.b", "a.b", True),
+        ("*.*", "a", False),
+        (">", "a", True),
+        (">", "a.b.c", True),
+        ("a.>", "a", False),
+        ("a.>", "a.b", True),
+        ("a.>", "a.b.c.d", True),
+        ("a.*.>", "a.b", False),
+        ("a.*.>", "a.b.c", True),
+        ("*.>", "_INBOX.x", True),
+        ("_INBOX.>", "_INBOX", False),
+        ("$SYS.>", "$SYS.ACCOUNT.x.CONNECT", True),
+        ("$JS.>", "$JSX.a", False),
+    ],
+)
+def test_subject_matches_follows_nats_wildcards(pattern, subject, expected):
+    assert subject_matches(pattern, subject) is expected
+
+
+async def test_subject_matches_agrees_with_nats_server_on_every_small_case(nc):
+    """Subscribe every pattern for real, publish every subject of up to 3 tokens."""
+    subjects = [s for s in SUBJECTS if s.count(".") < 3]
+    prefix = "oracle" + uuid.uuid4().hex[:8]
+    subs = {p: await nc.subscribe(f"{prefix}.{p}") for p in PATTERNS}
+    for subject in subjects:
+        await nc.publish(f"{prefix}.{subject}", subject.encode())
+    # Every MSG nats-server sent before the PONG is in a pending queue after flush.
+    await asyncio.wait_for(nc.flush(), TIMEOUT)
+    for pattern, sub in subs.items():
+        got = set()
+        for _ in range(sub.pending_msgs):
+            got.add((await sub.next_msg(timeout=TIMEOUT)).data.decode())
+        await sub.unsubscribe()
+        expected = {s for s in subjects if subject_matches(pattern, s)}
+        assert got == expected, pattern
+
+
+# ---------------------------------------------------------------------------
+# pattern_within and patterns_overlap, against the brute-force model
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("inner", "outer", "expected"),
+    [
+        ("a.b", "a.*", True),
+        ("a.b", "a.>", True),
+        ("a.*", "a.>", True),
+        ("a.*.c", "a.>", True),
+        ("a.*.>", "a.>", True),
+        ("a.>", "a.>", True),
+        ("a.>", "a.*", False),
+        ("a.>", "a.*.>", False),
+        ("a.*", "a.b", False),
+        ("a", "a.>", False),
+        ("*", "a", False),
+        ("a.b", "*", False),
+        (">", "_INBOX.>", False),
+        ("*.>", "_INBOX.>", False),
+        ("_INBOX.abc", "_INBOX.>", True),
+        ("$JS.API.>", "$JS.>", True),
+        ("$JS", "$JS.>", False),
+    ],
+)
+def test_pattern_within_edge_cases(inner, outer, expected):
+    assert pattern_within(inner, outer) is expected
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "expected"),
+    [
+        (">", "_INBOX.>", True),
+        ("*.>", "$SYS.>", True),
+        ("a.*", "*.b", True),
+        ("a.>", "*.*", True),
+        ("a.*.>", "a.>", True),
+        ("a.b", "a.c", False),
+        ("a.*", "a.b.c", False),
+        ("a.>", "a", False),
+        ("*", "a.b", False),
+        ("a.*.>", "a.b", False),
+        ("*", ">", True),
+        ("_x.*", "_INBOX.>", False),
+    ],
+)
+def test_patterns_overlap_edge_cases(a, b, expected):
+    assert patterns_overlap(a, b) is expected
+    assert patterns_overlap(b, a) is expected
+
+
+def test_pattern_within_agrees_with_subset_of_matched_subjects_for_all_small_patterns():
+    wrong = [
+        (inner, outer)
+        for inner in PATTERNS
+        for outer in PATTERNS
+        if pattern_within(inner, outer) != (matched_by(inner) <= matched_by(outer))
+    ]
+    assert wrong == []
+
+
+def test_patterns_overlap_agrees_with_common_matched_subject_for_all_small_patterns():
+    wrong = [
+        (a, b)
+        for a in PATTERNS
+        for b in PATTERNS
+        if patterns_overlap(a, b) != bool(matched_by(a) & matched_by(b))
+    ]
+    assert wrong == []
+
+
+# ---------------------------------------------------------------------------
+# SubjectPolicy as a unit
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pattern", ["_INBOX.>", "_INBOX.abc", "$SYS.>", "$JS.API.>", "$KV.b.k", "$O.x"])
+def test_default_policy_refuses_patterns_that_only_match_denied_subjects(pattern):
+    assert SubjectPolicy().refusal(pattern) is not None
+
+
+@pytest.mark.parametrize("pattern", [">", "*.>", "*", "a.b", "$JS", "*.API.>", "_x.*"])
+def test_default_policy_accepts_patterns_that_can_match_allowed_subjects(pattern):
+    assert SubjectPolicy().refusal(pattern) is None
+
+
+def test_default_deny_list_is_the_documented_one():
+    assert set(DEFAULT_DENY) == {"$SYS.>", "$JS.>", "$KV.>", "$O.>", "_INBOX.>"}
+
+
+@pytest.mark.parametrize(
+    ("subject", "permitted"),
+    [("a.b", True), ("_INBOX.x", False), ("$SYS.x", False), ("$JS.API.INFO", False), ("$JS", True)],
+)
+def test_default_policy_permits_only_subjects_outside_deny_list(subject, permitted):
+    assert SubjectPolicy().permits(subject) is permitted
+
+
+@pytest.mark.parametrize(
+    ("pattern", "filtered"), [(">", True), ("*.>", True), ("a.b", False), ("a.*", False)]
+)
+def test_policy_filters_only_patterns_that_can_reach_denied_subjects(pattern, filtered):
+    assert SubjectPolicy().needs_filter(pattern) is filtered
+
+
+def test_allow_list_policy_refuses_pattern_outside_it():
+    assert "no allowed subject" in SubjectPolicy(allow=("chat.>",)).refusal("other.x")
+
+
+def test_allow_list_policy_filters_broad_pattern_that_overlaps_it():
+    policy = SubjectPolicy(allow=("chat.>",))
+    assert policy.refusal(">") is None
+    assert policy.needs_filter(">") is True
+    assert policy.needs_filter("chat.*") is False
+
+
+def test_publish_policy_applies_deny_list_even_when_allowed():
+    policy = SubjectPolicy(publish_allow=(">",))
+    assert policy.publish_refusal("chat.room") is None
+    assert policy.publish_refusal("_INBOX.x") is not None
+
+
+# ---------------------------------------------------------------------------
+# End to end through the bridge
+# ---------------------------------------------------------------------------
+
+
+async def publish(nc: Any, subject: str, data: Any) -> None:
+    await nc.publish(subject, json.dumps(data).encode())
+    await nc.flush()
+
+
+async def subjects_until(client: Any, marker: str) -> list[str]:
+    """Subjects forwarded to ``client`` up to and including ``marker``."""
+    seen = []
+    while True:
+        frame = await client.receive_message()
+        seen.append(frame["subject"])
+        if frame["subject"] == marker:
+            return seen
+
+
+@pytest.mark.parametrize("pattern", ["_INBOX.>", "$SYS.>", "$JS.API.>", "_INBOX.abc"])
+async def test_bridge_refuses_subscription_to_denied_subjects(bridge, ws_factory, pattern):
+    client = await ws_factory(bridge.ws_url)
+    frame = await client.request({"action": "subscribe", "subjects": [pattern]})
+    assert frame["success"] is False
+    assert "not allowed" in frame["message"]
+
+
+async def test_refused_denied_subscription_creates_no_nats_subscription(bridge, ws_factory, nats_server):
+    client = await ws_factory(bridge.ws_url)
+    await client.request({"action": "subscribe", "subjects": ["_INBOX.>"]})
+    await asyncio.wait_for(bridge.app.nats.client.flush(), TIMEOUT)
+    assert "_INBOX.>" not in nats_server.subscriptions_of(bridge.name)
+
+
+@pytest.mark.parametrize("pattern", [">", "*.>"])
+async def test_broad_pattern_is_accepted(bridge, ws_factory, pattern):
+    client = await ws_factory(bridge.ws_url)
+    frame = await client.request({"action": "subscribe", "subjects": [pattern]})
+    assert frame["success"] is True
+
+
+@pytest.mark.parametrize("pattern", [">", "*.>"])
+async def test_broad_pattern_never_forwards_denied_subjects(bridge, ws_factory, nc, pattern):
+    client = await ws_factory(bridge.ws_url)
+    await client.subscribe(pattern)
+    await asyncio.wait_for(bridge.app.nats.client.flush(), TIMEOUT)
+    tag = uuid.uuid4().hex[:8]
+    for denied in (f"_INBOX.{tag}", f"$SYS.{tag}", f"$JS.API.{tag}", f"$KV.b.{tag}"):
+        await publish(nc, denied, {"secret": True})
+    marker = f"a.{tag}"
+    await publish(nc, marker, {"ok": True})
+    # Same NATS connection, same subscription: a forwarded denied message would come first.
+    assert await subjects_until(client, marker) == [marker]
+
+
+async def test_bridge_with_allow_list_refuses_subject_outside_it(bridge_factory, nats_server, ws_factory):
+    bridge = await bridge_factory(nats_url=nats_server.url, subject_allow=("chat.>",))
+    client = await ws_factory(bridge.ws_url)
+    frame = await client.request({"action": "subscribe", "subjects": ["other.x"]})
+    assert frame["success"] is False
+    assert "not allowed" in frame["message"]
+
+
+async def test_bridge_with_allow_list_accepts_subject_inside_it(bridge_factory, nats_server, ws_factory):
+    bridge = await bridge_factory(nats_url=nats_server.url, subject_allow=("chat.>",))
+    client = await ws_factory(bridge.ws_url)
+    frame = await client.request({"action": "subscribe", "subjects": ["chat.room"]})
+    assert frame["success"] is True
+
+
+async def test_bridge_with_allow_list_never_forwards_outside_it_through_broad_pattern(
+    bridge_factory, nats_server, ws_factory, nc
+):
+    bridge = await bridge_factory(nats_url=nats_server.url, subject_allow=("chat.>",))
+    client = await ws_factory(bridge.ws_url)
+    await client.subscribe(">")
+    await asyncio.wait_for(bridge.app.nats.client.flush(), TIMEOUT)
+    tag = uuid.uuid4().hex[:8]
+    await publish(nc, f"other.{tag}", {"n": 1})
+    await publish(nc, f"chat.{tag}", {"n": 2})
+    assert await subjects_until(client, f"chat.{tag}") == [f"chat.{tag}"]
+
+
+async def test_publish_is_refused_when_disabled(bridge, ws_factory):
+    client = await ws_factory(bridge.ws_url)
+    frame = await client.request({"action": "publish", "subject": "chat.room", "data": "hi"})
+    assert frame["success"] is False
+    assert "Publishing is disabled" in frame["message"]
+
+
+async def test_welcome_says_publish_false_when_disabled(bridge, ws_factory):
+    client = await ws_factory(bridge.ws_url)
+    assert client.welcome["publish"] is False
+
+
+async def test_welcome_says_publish_true_when_enabled(bridge_factory, nats_server, ws_factory):
+    bridge = await bridge_factory(nats_url=nats_server.url, publish_allow=("chat.>",))
+    client = await ws_factory(bridge.ws_url)
+    assert client.welcome["publish"] is True
+
+
+async def test_publish_to_allowed_subject_arrives_on_nats(bridge_factory, nats_server, ws_factory, nc):
+    bridge = await bridge_factory(nats_url=nats_server.url, publish_allow=("chat.>",))
+    client = await ws_factory(bridge.ws_url)
+    sub = await nc.subscribe("chat.room")
+    await asyncio.wait_for(nc.flush(), TIMEOUT)
+    frame = await client.request({"action": "publish", "subject": "chat.room", "data": {"text": "hé"}})
+    assert frame["success"] is True, frame
+    msg = await sub.next_msg(timeout=TIMEOUT)
+    assert json.loads(msg.data) == {"text": "hé"}
+
+
+async def test_publish_to_subject_outside_publish_allow_is_refused(
+    bridge_factory, nats_server, ws_factory, nc
+):
+    bridge = await bridge_factory(nats_url=nats_server.url, publish_allow=("chat.>",))
+    client = await ws_factory(bridge.ws_url)
+    sub = await nc.subscribe("other.x")
+    await asyncio.wait_for(nc.flush(), TIMEOUT)
+    frame = await client.request({"action": "publish", "subject": "other.x", "data": "hi"})
+    assert frame["success"] is False
+    assert "not allowed" in frame["message"]
+    await asyncio.wait_for(bridge.app.nats.client.flush(), TIMEOUT)
+    await asyncio.wait_for(nc.flush(), TIMEOUT)
+    assert sub.pending_msgs == 0
+
+
+async def test_publish_to_denied_subject_is_refused_even_when_publish_allows_all(
+    bridge_factory, nats_server, ws_factory
+):
+    bridge = await bridge_factory(nats_url=nats_server.url, publish_allow=(">",))
+    client = await ws_factory(bridge.ws_url)
+    frame = await client.request({"action": "publish", "subject": "_INBOX.x", "data": "hi"})
+    assert frame["success"] is False
+
+
+async def test_publish_payload_at_max_publish_bytes_is_accepted(bridge_factory, nats_server, ws_factory):
+    bridge = await bridge_factory(nats_url=nats_server.url, publish_allow=("chat.>",), max_publish_bytes=100)
+    client = await ws_factory(bridge.ws_url)
+    frame = await client.request({"action": "publish", "subject": "chat.room", "data": "x" * 100})
+    assert frame["success"] is True, frame
+
+
+async def test_publish_payload_over_max_publish_bytes_is_refused(bridge_factory, nats_server, ws_factory):
+    bridge = await bridge_factory(nats_url=nats_server.url, publish_allow=("chat.>",), max_publish_bytes=100)
+    client = await ws_factory(bridge.ws_url)
+    frame = await client.request({"action": "publish", "subject": "chat.room", "data": "x" * 101})
+    assert frame["success"] is False
+    assert "too large" in frame["message"]
