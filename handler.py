@@ -413,8 +413,11 @@ class Client:
             while queue or self._unreported_drops:
                 # Wait until the peer has taken what the transport holds.  Shielded:
                 # aiohttp shares one drain future per connection, and cancelling
-                # this task must not cancel it under ws.close().
-                await asyncio.shield(self._stream.drain())
+                # this task must not cancel it under ws.close().  The inner task
+                # may outlive us and fail on a reset; its error is read, not leaked.
+                drain = asyncio.ensure_future(self._stream.drain())
+                drain.add_done_callback(_consume_result)
+                await asyncio.shield(drain)
                 if transport.is_closing():
                     # The peer is gone; the connection handler's finally
                     # releases its subscriptions.  Stop queueing for it.
@@ -796,6 +799,11 @@ class WSSManager:
                 client.send(frame)
 
         return on_message
+
+
+def _consume_result(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _parse_object(text: str | bytes) -> dict[str, Any]:

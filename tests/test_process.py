@@ -1,0 +1,255 @@
+"""main.py as a real process: --help, start-up failures, the test publisher, signals, no log files."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from conftest import ROOT, TIMEOUT, BridgeProcess, free_port, spawn_bridge
+
+import main
+
+# The four names other tools rely on, plus the rest of the core's settings.
+CORE_SETTINGS = [
+    "NATS_URL",
+    "HTTP_HOST",
+    "HTTP_PORT",
+    "TEST_PUBLISH_INTERVAL",
+    "NATS_CONNECT_TIMEOUT",
+    "NATS_RECONNECT_WAIT",
+    "CLIENT_QUEUE_MESSAGES",
+    "CLIENT_QUEUE_BYTES",
+    "MAX_SUBJECT_LENGTH",
+    "SERVICE_NAME",
+    "LOG_LEVEL",
+]
+
+
+def every_setting_env_var() -> list[str]:
+    """The core's settings and whatever else Config declares today."""
+    declared = [f.metadata["env"] for f in dataclasses.fields(main.Config) if "env" in f.metadata]
+    return sorted(set(CORE_SETTINGS) | set(declared))
+
+
+def finish(bp: BridgeProcess, timeout: float = 30) -> tuple[int, str]:
+    """Wait for a process that exits on its own; its return code and output."""
+    out, _ = bp.proc.communicate(timeout=timeout)
+    return bp.proc.returncode, out
+
+
+def lines_of(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------
+# Runs that end on their own, started together so they overlap
+# ---------------------------------------------------------------------------
+
+BAD_SETTINGS = {
+    # id: (args, env, the setting the error line must name)
+    "port-not-a-number": ((), {"HTTP_PORT": "abc"}, "HTTP_PORT"),
+    "port-out-of-range": ((), {"HTTP_PORT": "70000"}, "HTTP_PORT"),
+    "nats-url-scheme": ((), {"NATS_URL": "http://127.0.0.1:4222"}, "NATS_URL"),
+    "negative-interval": ((), {"TEST_PUBLISH_INTERVAL": "-1"}, "TEST_PUBLISH_INTERVAL"),
+    "timeout-not-a-number": ((), {"NATS_CONNECT_TIMEOUT": "soon"}, "NATS_CONNECT_TIMEOUT"),
+    "flag-port-not-a-number": (("--http-port", "abc"), {}, "http-port"),
+}
+
+
+@pytest.fixture(scope="module")
+def finished_runs() -> Iterator[dict[str, tuple[int, str]]]:
+    """main.py runs that exit by themselves: --help, NATS unreachable, each bad setting."""
+    runs = {
+        "help": spawn_bridge("--help"),
+        # Nothing listens on a just-freed port: connection refused on every attempt.
+        "unreachable": spawn_bridge(env={
+            "NATS_URL": f"nats://127.0.0.1:{free_port()}",
+            "NATS_CONNECT_TIMEOUT": "2",
+            "NATS_RECONNECT_WAIT": "0.5",
+        }),
+    }
+    for key, (args, env, _) in BAD_SETTINGS.items():
+        runs[key] = spawn_bridge(*args, env=env)
+    try:
+        yield {key: finish(bp) for key, bp in runs.items()}
+    finally:
+        for bp in runs.values():
+            bp.stop(signal.SIGKILL, timeout=10)
+
+
+# --help
+
+
+def test_help_exits_0(finished_runs):
+    returncode, _ = finished_runs["help"]
+    assert returncode == 0
+
+
+@pytest.mark.parametrize("env_var", every_setting_env_var())
+def test_help_lists_setting_env_var(finished_runs, env_var):
+    _, output = finished_runs["help"]
+    assert env_var in output
+
+
+@pytest.mark.parametrize(
+    ("env_var", "default"),
+    [
+        ("NATS_URL", "nats://127.0.0.1:4222"),
+        ("HTTP_HOST", "0.0.0.0"),
+        ("HTTP_PORT", "5001"),
+        ("TEST_PUBLISH_INTERVAL", "1"),
+    ],
+)
+def test_help_gives_fixed_settings_default(finished_runs, env_var, default):
+    _, output = finished_runs["help"]
+    flag = "--" + env_var.lower().replace("_", "-")
+    # The option's own entry: from its line in the options list to the next option.
+    entry = output[output.index(f"\n  {flag}"):]
+    entry = entry[: entry.find("\n  --", 1) if "\n  --" in entry[1:] else None]
+    match = re.search(r"default:?\s+(\S+)", entry)
+    assert match, entry
+    shown = match.group(1).rstrip(").,")
+    assert shown == default or (default.isdigit() and float(shown) == float(default)), entry
+
+
+# NATS unreachable at start
+
+
+def test_unreachable_nats_exits_nonzero(finished_runs):
+    returncode, _ = finished_runs["unreachable"]
+    assert returncode != 0
+
+
+def test_unreachable_nats_ends_with_one_clear_line(finished_runs):
+    _, output = finished_runs["unreachable"]
+    matching = [line for line in lines_of(output) if "cannot reach NATS" in line]
+    assert len(matching) == 1, output
+    assert lines_of(output)[-1] == matching[0], output
+
+
+def test_unreachable_nats_prints_no_traceback(finished_runs):
+    _, output = finished_runs["unreachable"]
+    assert "Traceback" not in output, output
+
+
+def test_unreachable_nats_logs_each_attempt(finished_runs):
+    _, output = finished_runs["unreachable"]
+    attempts = [
+        line for line in lines_of(output) if "attempt" in line.lower() and "cannot reach" not in line
+    ]
+    assert len(attempts) >= 2, output
+
+
+# A bad setting
+
+
+@pytest.mark.parametrize("key", BAD_SETTINGS)
+def test_bad_setting_exits_2(finished_runs, key):
+    returncode, output = finished_runs[key]
+    assert returncode == 2, output
+
+
+@pytest.mark.parametrize("key", BAD_SETTINGS)
+def test_bad_setting_prints_one_line_naming_it_without_traceback(finished_runs, key):
+    _, output = finished_runs[key]
+    name = BAD_SETTINGS[key][2]
+    assert len(lines_of(output)) == 1, output
+    assert "Traceback" not in output
+    assert name.lower().replace("_", "-") in output.lower().replace("_", "-")
+
+
+# ---------------------------------------------------------------------------
+# With a NATS server
+# ---------------------------------------------------------------------------
+
+
+async def test_test_publisher_delivers_the_examples_message(bridge_process, nats_server, ws_factory):
+    bp = bridge_process(env={"NATS_URL": nats_server.url, "TEST_PUBLISH_INTERVAL": "0.2"})
+    client = await ws_factory(f"{bp.http_url}/stream")
+    await client.subscribe("test.subject")
+    frame = await client.receive_message()
+    assert frame["subject"] == "test.subject"
+    data = frame["data"]
+    assert isinstance(data.pop("key3"), float)
+    assert data == {
+        "key1": "value1",
+        "key2": 2,
+        "key4": [1, 2, 3, 4],
+        "key5": {"1": 1, "2": 2, "3": 3, "4": 4, "5": 5},
+        "key6": {"subkey1": "1", "subkey2": 2, "3": 3, "4": 4, "5": 5},
+        "key7": None,
+    }
+
+
+async def test_test_publisher_varies_key3(bridge_process, nats_server, ws_factory):
+    bp = bridge_process(env={"NATS_URL": nats_server.url, "TEST_PUBLISH_INTERVAL": "0.1"})
+    client = await ws_factory(f"{bp.http_url}/stream")
+    await client.subscribe("test.subject")
+    values = {(await client.receive_message())["data"]["key3"] for _ in range(3)}
+    assert len(values) == 3
+
+
+async def test_test_publisher_interval_0_publishes_nothing(bridge_process, nats_server, ws_factory):
+    bp = bridge_process(env={"NATS_URL": nats_server.url, "TEST_PUBLISH_INTERVAL": "0"})
+    client = await ws_factory(f"{bp.http_url}/stream")
+    await client.subscribe("test.subject")
+    # Five times the interval the other tests use.
+    await client.assert_silent(1.0)
+
+
+async def start_with_client(bridge_process, nats_server, ws_factory):
+    bp = bridge_process(env={"NATS_URL": nats_server.url, "TEST_PUBLISH_INTERVAL": "0"})
+    client = await ws_factory(f"{bp.http_url}/stream")
+    await client.subscribe("proc.signals")
+    return bp, client
+
+
+async def test_sigterm_closes_websocket_clients_with_1001(bridge_process, nats_server, ws_factory):
+    bp, client = await start_with_client(bridge_process, nats_server, ws_factory)
+    bp.proc.send_signal(signal.SIGTERM)
+    msg = await asyncio.wait_for(client.ws.receive(), TIMEOUT)
+    assert msg.type is aiohttp.WSMsgType.CLOSE, msg
+    assert msg.data == 1001
+
+
+async def test_sigterm_exits_0(bridge_process, nats_server, ws_factory):
+    bp, _ = await start_with_client(bridge_process, nats_server, ws_factory)
+    returncode, output = await asyncio.to_thread(bp.stop, signal.SIGTERM)
+    assert returncode == 0, output
+    assert "Traceback" not in output, output
+
+
+async def test_sigint_closes_websocket_clients_with_1001(bridge_process, nats_server, ws_factory):
+    bp, client = await start_with_client(bridge_process, nats_server, ws_factory)
+    bp.proc.send_signal(signal.SIGINT)
+    msg = await asyncio.wait_for(client.ws.receive(), TIMEOUT)
+    assert msg.type is aiohttp.WSMsgType.CLOSE, msg
+    assert msg.data == 1001
+
+
+async def test_sigint_exits_0(bridge_process, nats_server, ws_factory):
+    bp, _ = await start_with_client(bridge_process, nats_server, ws_factory)
+    returncode, output = await asyncio.to_thread(bp.stop, signal.SIGINT)
+    assert returncode == 0, output
+    assert "Traceback" not in output, output
+
+
+def files_under(path: Path) -> set[Path]:
+    return set(path.rglob("*")) if path.exists() else set()
+
+
+async def test_no_logs_directory_is_created(bridge_process, nats_server, ws_factory):
+    logs = ROOT / "logs"
+    existed, before = logs.exists(), files_under(logs)
+    bp, _ = await start_with_client(bridge_process, nats_server, ws_factory)
+    await asyncio.to_thread(bp.stop, signal.SIGTERM)
+    if existed:
+        assert files_under(logs) == before, "the bridge wrote under logs/"
+    else:
+        assert not logs.exists(), "the bridge created logs/"
