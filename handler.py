@@ -41,6 +41,7 @@ PROTOCOL_VERSION = 1
 CLOSE_GOING_AWAY = int(WSCloseCode.GOING_AWAY)  # 1001: server shutting down
 CLOSE_POLICY_VIOLATION = int(WSCloseCode.POLICY_VIOLATION)  # 1008: kept flooding
 CLOSE_TRY_AGAIN_LATER = int(WSCloseCode.TRY_AGAIN_LATER)  # 1013: slow consumer
+CLOSE_INTERNAL_ERROR = int(WSCloseCode.INTERNAL_ERROR)  # 1011
 
 OVERFLOW_DISCONNECT = "disconnect"
 OVERFLOW_DROP_OLDEST = "drop_oldest"
@@ -307,6 +308,32 @@ class Stats:
 # ---------------------------------------------------------------------------
 
 
+class Flusher:
+    """Writes each client's gathered frames once per event-loop turn."""
+
+    def __init__(self) -> None:
+        self._dirty: list[Client] = []
+        self._scheduled = False
+
+    def mark(self, client: Client) -> None:
+        self._dirty.append(client)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._run)
+
+    def _run(self) -> None:
+        self._scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for client in dirty:
+            try:
+                client.flush()
+            except Exception:
+                # Per-client boundary: one broken connection must not stop the
+                # flush for everyone after it in this turn.
+                logger.exception("flush to client %s failed; closing it", client.id)
+                client.close_soon(CLOSE_INTERNAL_ERROR, "internal error")
+
+
 class Client:
     """One WebSocket connection: its subscriptions and its bounded outbound queue.
 
@@ -315,7 +342,9 @@ class Client:
     wait in this client's bounded queue, which its writer task drains.
     """
 
-    def __init__(self, request: web.Request, ws: web.WebSocketResponse, limits: Limits, stats: Stats) -> None:
+    def __init__(
+        self, request: web.Request, ws: web.WebSocketResponse, limits: Limits, stats: Stats, flusher: Flusher
+    ) -> None:
         # 128 bits from the CSPRNG: the id doubles as the capability that lets a
         # backend subscribe this client over HTTP, so it must not be guessable.
         self.id = secrets.token_urlsafe(16)
@@ -336,6 +365,11 @@ class Client:
         self._transport = transport
         self._protocol = request.protocol
         self._stream = request.writer
+        self._flusher = flusher
+        # Frames of this event-loop turn, written together by the Flusher.  At
+        # most one NATS read's worth (nats-py reads in bounded chunks) before
+        # the bound below applies.
+        self._pending: list[bytes] = []
         self._queue: deque[bytes] = deque()
         self._queued_bytes = 0
         self._unreported_drops = 0
@@ -354,18 +388,40 @@ class Client:
         return self._closing
 
     def send(self, frame: bytes) -> None:
-        """Send a complete WebSocket frame; never blocks.  Past the bound, the overflow policy applies."""
+        """Send a complete WebSocket frame; never blocks.
+
+        Frames are gathered until the end of this event-loop turn and then
+        written together: a burst from NATS costs this client one write, not
+        one per message.  Order is kept because every frame takes this path.
+        """
         if self._closing:
+            return
+        if not self._pending:
+            self._flusher.mark(self)
+        self._pending.append(frame)
+
+    def flush(self) -> None:
+        """Write what this turn gathered, or queue it if the peer is lagging."""
+        frames, self._pending = self._pending, []
+        if self._closing or not frames:
             return
         if not self._queue and not self._protocol.writing_paused:
             if self._transport.is_closing():
                 self._closing = True
                 return
-            self._transport.write(frame)
-            self.sent += 1
-            self._stats.frames_sent += 1
-            self._stats.bytes_sent += len(frame)
+            data = frames[0] if len(frames) == 1 else b"".join(frames)
+            self._transport.write(data)
+            self.sent += len(frames)
+            self._stats.frames_sent += len(frames)
+            self._stats.bytes_sent += len(data)
             return
+        for frame in frames:
+            self._enqueue(frame)
+            if self._closing:
+                return
+
+    def _enqueue(self, frame: bytes) -> None:
+        """Past the bound, the overflow policy applies."""
         size = len(frame)
         limits = self._limits
         if len(self._queue) >= limits.queue_messages or self._queued_bytes + size > limits.queue_bytes:
@@ -484,6 +540,7 @@ class Client:
 
     async def _close(self, code: int, reason: str) -> None:
         self.close_code = code
+        self._pending.clear()
         self._queue.clear()
         self._queued_bytes = 0
         self._writer.cancel()
@@ -555,6 +612,7 @@ class WSSManager:
         # Serialises changes to ``topics`` so that two clients asking for the same
         # new pattern at once cannot create two NATS subscriptions.
         self._lock = asyncio.Lock()
+        self._flusher = Flusher()
 
     @property
     def client_subscriptions(self) -> int:
@@ -563,7 +621,7 @@ class WSSManager:
     # -- connection lifecycle ------------------------------------------------
 
     def register(self, request: web.Request, ws: web.WebSocketResponse, nats_connected: bool) -> Client:
-        client = Client(request, ws, self.limits, self.stats)
+        client = Client(request, ws, self.limits, self.stats, self._flusher)
         self.clients[client.id] = client
         self.stats.connections_opened += 1
         client.send_json(
