@@ -32,6 +32,34 @@ from handler import CLOSE_GOING_AWAY, WSSManager
 
 logger = logging.getLogger("bridge")
 
+
+def undo_nest_asyncio() -> None:
+    """Put back what importing Panini took from asyncio.
+
+    Panini's NATS client module calls nest_asyncio.apply() on import, which swaps
+    asyncio's C Task and Future for the pure-Python ones and patches the event
+    loop class, so that Panini's *_sync helpers can re-enter a running loop.  The
+    bridge never uses those helpers, and the pure-Python versions cost time on
+    every await of every message (bench/RESULTS.md), so the originals go back.
+    """
+    import _asyncio
+
+    asyncio.Task = asyncio.tasks.Task = asyncio.tasks._CTask = _asyncio.Task  # type: ignore[attr-defined,misc]
+    asyncio.Future = asyncio.futures.Future = asyncio.futures._CFuture = _asyncio.Future  # type: ignore[attr-defined,misc]
+    asyncio.tasks._enter_task = _asyncio._enter_task  # type: ignore[attr-defined]
+    asyncio.tasks._leave_task = _asyncio._leave_task  # type: ignore[attr-defined]
+    if hasattr(asyncio, "_run_orig"):
+        asyncio.run = asyncio._run_orig
+    loop_class = asyncio.SelectorEventLoop
+    if "_nest_patched" in vars(loop_class):
+        for name in ("run_forever", "run_until_complete", "_run_once", "_check_running", "_check_runnung",
+                     "_nest_patched", "_num_runs_pending", "_is_proactorloop"):
+            if name in vars(loop_class):
+                delattr(loop_class, name)
+
+
+undo_nest_asyncio()
+
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # The static route guesses types from this table; the RFC 9239 name, not the legacy one.
 mimetypes.add_type("text/javascript", ".js")
