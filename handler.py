@@ -373,14 +373,15 @@ class Client:
         self._queue: deque[bytes] = deque()
         self._queued_bytes = 0
         self._unreported_drops = 0
-        self._wakeup = asyncio.Event()
         self._closing = False
         # Token bucket for control frames, and a leaky count of rejected ones.
         self._tokens = max(1.0, limits.control_rate)
         self._tokens_at = self.opened
         self._strikes = 0.0
         self._strikes_at = self.opened
-        self._writer = asyncio.create_task(self._write_loop(), name=f"ws-writer-{self.id}")
+        # Started only while the peer lags (see _enqueue): an idle or keeping-up
+        # client costs no task, which matters at tens of thousands of connections.
+        self._writer: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
 
     @property
@@ -440,7 +441,11 @@ class Client:
             return
         self._queue.append(frame)
         self._queued_bytes += size
-        self._wakeup.set()
+        self._start_writer()
+
+    def _start_writer(self) -> None:
+        if self._writer is None and not self._closing:
+            self._writer = asyncio.create_task(self._write_queue(), name=f"ws-writer-{self.id}")
 
     def _drop_oldest(self, incoming: int) -> None:
         queue, limits = self._queue, self._limits
@@ -456,50 +461,54 @@ class Client:
         self.dropped += n
         self._unreported_drops += n
         self._stats.dropped += n
-        self._wakeup.set()
+        self._start_writer()
 
     def send_json(self, frame: dict[str, Any]) -> None:
         self.send(text_frame(dump(frame)))
 
-    async def _write_loop(self) -> None:
+    async def _write_queue(self) -> None:
+        """Drain the queue as the peer takes it; ends when the queue is empty."""
+        try:
+            await self._drain_queue()
+        finally:
+            self._writer = None
+
+    async def _drain_queue(self) -> None:
         queue, stats, transport = self._queue, self._stats, self._transport
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while queue or self._unreported_drops:
-                # Wait until the peer has taken what the transport holds.  Shielded:
-                # aiohttp shares one drain future per connection, and cancelling
-                # this task must not cancel it under ws.close().  The inner task
-                # may outlive us and fail on a reset; its error is read, not leaked.
-                drain = asyncio.ensure_future(self._stream.drain())
-                drain.add_done_callback(_consume_result)
-                await asyncio.shield(drain)
-                if transport.is_closing():
-                    # The peer is gone; the connection handler's finally
-                    # releases its subscriptions.  Stop queueing for it.
-                    self._closing = True
-                    queue.clear()
-                    self._queued_bytes = 0
-                    return
-                batch: list[bytes] = []
-                if self._unreported_drops:
-                    # Told at the point of the gap, so the client knows where it is.
-                    n, self._unreported_drops = self._unreported_drops, 0
-                    batch.append(text_frame(dump(
-                        {"success": False, "type": "dropped", "dropped": n,
-                         "message": f"{n} messages dropped: this client reads too slowly"}
-                    )))
-                size = 0
-                # One write for many frames: fewer syscalls for a client catching up.
-                while queue and size < WRITE_BATCH_BYTES:
-                    frame = queue.popleft()
-                    self._queued_bytes -= len(frame)
-                    size += len(frame)
-                    batch.append(frame)
-                transport.write(b"".join(batch))
-                self.sent += len(batch)
-                stats.frames_sent += len(batch)
-                stats.bytes_sent += sum(len(f) for f in batch)
+        while queue or self._unreported_drops:
+            # Wait until the peer has taken what the transport holds.  Shielded:
+            # aiohttp shares one drain future per connection, and cancelling
+            # this task must not cancel it under ws.close().  The inner task
+            # may outlive us and fail on a reset; its error is read, not leaked.
+            drain = asyncio.ensure_future(self._stream.drain())
+            drain.add_done_callback(_consume_result)
+            await asyncio.shield(drain)
+            if transport.is_closing():
+                # The peer is gone; the connection handler's finally
+                # releases its subscriptions.  Stop queueing for it.
+                self._closing = True
+                queue.clear()
+                self._queued_bytes = 0
+                return
+            batch: list[bytes] = []
+            if self._unreported_drops:
+                # Told at the point of the gap, so the client knows where it is.
+                n, self._unreported_drops = self._unreported_drops, 0
+                batch.append(text_frame(dump(
+                    {"success": False, "type": "dropped", "dropped": n,
+                     "message": f"{n} messages dropped: this client reads too slowly"}
+                )))
+            size = 0
+            # One write for many frames: fewer syscalls for a client catching up.
+            while queue and size < WRITE_BATCH_BYTES:
+                frame = queue.popleft()
+                self._queued_bytes -= len(frame)
+                size += len(frame)
+                batch.append(frame)
+            transport.write(b"".join(batch))
+            self.sent += len(batch)
+            stats.frames_sent += len(batch)
+            stats.bytes_sent += sum(len(f) for f in batch)
 
     # -- control-frame rate ----------------------------------------------------
 
@@ -543,7 +552,8 @@ class Client:
         self._pending.clear()
         self._queue.clear()
         self._queued_bytes = 0
-        self._writer.cancel()
+        if self._writer is not None:
+            self._writer.cancel()
         message = reason.encode()[:123]
         if self._protocol.writing_paused:
             # The peer is not reading, so a close handshake cannot finish: put
@@ -562,9 +572,12 @@ class Client:
     async def stop_writer(self) -> None:
         """Stop the writer; a writer that died on a broken socket is not an error."""
         self._closing = True
-        self._writer.cancel()
+        writer = self._writer
+        if writer is None:
+            return
+        writer.cancel()
         try:
-            await self._writer
+            await writer
         except asyncio.CancelledError:
             # Re-raise only if *we* are being cancelled, not the writer.
             current = asyncio.current_task()
