@@ -342,6 +342,14 @@ class Client:
     wait in this client's bounded queue, which its writer task drains.
     """
 
+    # Slots: one of these per connection, and there may be tens of thousands.
+    __slots__ = (
+        "_closer", "_closing", "_flusher", "_limits", "_pending", "_protocol", "_queue", "_queued_bytes",
+        "_stats", "_stream", "_strikes", "_strikes_at", "_tokens", "_tokens_at", "_transport",
+        "_unreported_drops", "_writer", "close_code", "dropped", "id", "opened", "peer", "sent",
+        "subjects", "ws",
+    )
+
     def __init__(
         self, request: web.Request, ws: web.WebSocketResponse, limits: Limits, stats: Stats, flusher: Flusher
     ) -> None:
