@@ -814,6 +814,8 @@ class WSSManager:
                         logger.debug("NATS subscription created for %s", pattern)
                     topic.clients.add(client)
                     client.subjects.add(pattern)
+                if created:
+                    await self._confirm_subscriptions()
             except BaseException:
                 # All or nothing: undo this request's part so no half-made
                 # subscription outlives it.
@@ -827,6 +829,22 @@ class WSSManager:
                     if not topic.clients:
                         await self._drop(topic)
                 raise
+
+    async def _confirm_subscriptions(self) -> None:
+        """Wait until nats-server has our new SUBs, so "subscribed" is true when we say it.
+
+        nats-py only buffers a SUB; without this round trip a message published
+        right after the reply could reach nats-server first and be missed.
+        """
+        nc = self._nats()
+        if not nc.is_connected:
+            return  # nats-py re-sends every SUB when the link returns
+        try:
+            await nc.flush(timeout=self.limits.close_timeout)
+        except (TimeoutError, NatsError) as exc:
+            # The SUB stays registered with nats-py either way; only the
+            # confirmation is missing, which is not the client's error.
+            logger.warning("NATS did not confirm new subscriptions: %r", exc)
 
     async def _remove(self, client: Client, patterns: Iterable[str]) -> None:
         # Detach synchronously first: even if we are cancelled while NATS is

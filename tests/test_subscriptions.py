@@ -358,3 +358,14 @@ async def test_reset_while_messages_flow_does_not_disturb_other_clients(bridge, 
     await nc.flush()
     received = [(await other.receive_message())["data"] for _ in range(200)]
     assert received == list(range(200))
+
+
+async def test_message_published_right_after_the_subscribe_reply_is_delivered(bridge, ws_factory, nc):
+    # No flush of the bridge's NATS connection here: "subscribed" must already be true.
+    client = await ws_factory(bridge.ws_url)
+    for i in range(15):  # within the default control-frame rate
+        subject = f"{unique()}.{i}"
+        await client.subscribe(subject)
+        await nc.publish(subject, json.dumps({"i": i}).encode())
+        frame = await client.receive_message(timeout=5)
+        assert frame == {"subject": subject, "data": {"i": i}}
