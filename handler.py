@@ -285,6 +285,7 @@ class Limits:
     control_strikes: int = 10
     max_publish_bytes: int = 64 * 1024
     close_timeout: float = 5.0
+    flush_delay: float = 0.0
 
 
 @dataclass
@@ -309,20 +310,35 @@ class Stats:
 
 
 class Flusher:
-    """Writes each client's gathered frames once per event-loop turn."""
+    """Writes each client's gathered frames once per event-loop turn.
 
-    def __init__(self) -> None:
+    With a delay, writes happen at most once per ``delay`` seconds: the first
+    frame after a quiet spell still goes out at once, but under sustained
+    traffic frames are gathered, trading up to ``delay`` of latency for fewer
+    writes (each write to a socket is a syscall, most of the bridge's cost).
+    """
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self._delay = delay
         self._dirty: list[Client] = []
         self._scheduled = False
+        self._last_run = float("-inf")
 
     def mark(self, client: Client) -> None:
         self._dirty.append(client)
         if not self._scheduled:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._run)
+            loop = asyncio.get_running_loop()
+            due = self._last_run + self._delay
+            if self._delay and due > loop.time():
+                loop.call_at(due, self._run)
+            else:
+                loop.call_soon(self._run)
 
     def _run(self) -> None:
         self._scheduled = False
+        if self._delay:
+            self._last_run = asyncio.get_running_loop().time()
         dirty, self._dirty = self._dirty, []
         for client in dirty:
             try:
@@ -633,7 +649,7 @@ class WSSManager:
         # Serialises changes to ``topics`` so that two clients asking for the same
         # new pattern at once cannot create two NATS subscriptions.
         self._lock = asyncio.Lock()
-        self._flusher = Flusher()
+        self._flusher = Flusher(self.limits.flush_delay)
 
     @property
     def client_subscriptions(self) -> int:

@@ -40,6 +40,7 @@ from bench.harness import Case, HarnessError, Row, run_case  # noqa: E402
 from bench.report import W5Result, machine_lines, render, table, w5_pass, w5_table  # noqa: E402
 
 WORKLOADS = ("W1", "W2", "W3", "W4", "W5")
+FLUSH_DELAY_LABEL = "FLUSH_DELAY=0.05"
 
 # name -> settings; "rate" None = as fast as possible.
 FULL = {
@@ -245,6 +246,17 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row.system_busy:.1f} s ({time.monotonic() - t0:.1f} s in all)", flush=True)
             for e in row.errors[:5]:
                 print(f"    {e}", flush=True)
+
+    if "W1" in args.workloads and "bridge" in args.targets and not args.smoke:
+        # The same W1 with the bridge gathering frames for up to 50 ms under
+        # sustained traffic: fewer writes (syscalls) per delivery, at that latency.
+        print(f"bench: W1 bridge {FLUSH_DELAY_LABEL} ...", flush=True)
+        case = make_case("W1", "bridge", cfgs["W1"], args.smoke, load)
+        try:
+            row = run_case(case, workdir, [*bridge_args, "--flush-delay", "0.05"])
+            rows.append((f"W1 {FLUSH_DELAY_LABEL}", row))
+        except (HarnessError, RuntimeError, OSError) as exc:
+            errors.append(f"W1 bridge {FLUSH_DELAY_LABEL}: {exc}")
 
     for label, row in rows:
         if row.delivered == 0:
