@@ -189,6 +189,27 @@ async def test_burst_arrives_in_order_at_every_client(bridge, ws_factory, nc):
         assert received == list(range(1000))
 
 
+async def test_flush_delay_keeps_every_message_and_reply_in_order(
+    nats_server, bridge_factory, ws_factory, nc
+):
+    bridge = await bridge_factory(nats_url=nats_server.url, flush_delay=0.05)
+    subject = unique()
+    client = await subscribed_client(bridge, ws_factory, subject)
+    for seq in range(2000):
+        await nc.publish(subject, b'{"seq": %d}' % seq)
+        if seq == 1000:
+            await nc.flush()
+            # A control frame in the middle of the stream: its reply comes after
+            # everything queued before it and before everything after it.
+            await client.send({"subjects": ["nobody.holds.this"], "action": "unsubscribe", "id": "mid"})
+    await nc.flush()
+    frames = [await client.receive() for _ in range(2001)]
+    seqs = [f["data"]["seq"] for f in frames if "subject" in f]
+    assert seqs == list(range(2000))
+    replies = [f for f in frames if f.get("type") == "reply"]
+    assert [r["id"] for r in replies] == ["mid"]
+
+
 # ---------------------------------------------------------------------------
 # Slow consumer
 # ---------------------------------------------------------------------------
