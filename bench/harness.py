@@ -39,9 +39,8 @@ class Case:
     connect_timeout: float = 120.0
     quiet: float = 5.0  # drain gives up after this long without progress
     hard: float = 120.0  # ... or this long in all after publishing ends
-    # Pause after every client is subscribed, before measuring RSS and publishing: the
-    # bridge answers "subscribed" before nats-server has surely registered its SUB (no
-    # flush), so a message published at once could be missed by all its clients.
+    # Pause after every client is subscribed, before measuring RSS and publishing, so that
+    # connection setup does not overlap the measurement.
     settle: float = 0.5
     label: str = ""
     impl: str = "raw"  # load-client implementation: "raw" or "aiohttp"

@@ -252,9 +252,9 @@ How to read it:
   networking not charged to a process). Everything shares the same cores, so when
   load-gen + server approach `nproc`, latency and ceilings measure the machine, not only the
   server.
-- Publishing starts 0.5 s after the last client is subscribed. Without the pause a message
-  published at once could be missed by every client: at the time of writing the bridge
-  acknowledges a subscribe before nats-server has surely registered it (no flush after SUB).
+- Publishing starts 0.5 s after the last client is subscribed, so that connection setup
+  does not overlap the measurement. (The bridge confirms each new subscription with
+  nats-server before it replies, so no message would be missed without the pause.)
 - W5 raises the rate (×2 steps, then bisection) with W5's clients on one subject for a few
   seconds a step; a step passes if every client gets every message in order, nobody is
   disconnected, everything has arrived within 2 s of the end of publishing, and p99 latency
