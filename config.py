@@ -282,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
             dest=f.name,
             metavar=meta["env"],
             default=None,
-            help=f"{meta['help']} (env {meta['env']}, default {shown(f.default)})",
+            # argparse %-formats help text; a literal % must be doubled.
+            help=f"{meta['help']} (env {meta['env']}, default {shown(f.default)})".replace("%", "%%"),
         )
     return parser
 
