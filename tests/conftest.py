@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -354,3 +355,23 @@ def bridge_process() -> Iterator[Callable[..., BridgeProcess]]:
     yield start
     for bp in started:
         bp.stop(signal.SIGKILL, timeout=10)
+
+
+# ---------------------------------------------------------------------------
+# Small helpers shared by the test modules
+# ---------------------------------------------------------------------------
+
+
+def unique(prefix: str = "t") -> str:
+    """A subject no other test uses."""
+    return f"{prefix}.{uuid.uuid4().hex[:12]}"
+
+
+async def nats_synced(bridge: Bridge) -> None:
+    """Wait until nats-server has processed every SUB/UNSUB the bridge sent so far."""
+    await asyncio.wait_for(bridge.app.nats.client.flush(), TIMEOUT)
+
+
+async def publish(nc: nats.NATS, subject: str, data: Any) -> None:
+    await nc.publish(subject, json.dumps(data).encode())
+    await nc.flush()

@@ -10,21 +10,11 @@ import logging
 import os
 import socket
 import struct
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from conftest import TIMEOUT, eventually
-
-
-def unique(prefix: str = "dlv") -> str:
-    return f"{prefix}.{uuid.uuid4().hex[:12]}"
-
-
-async def nats_synced(bridge: Any) -> None:
-    """Wait until nats-server has processed every SUB/UNSUB the bridge sent so far."""
-    await asyncio.wait_for(bridge.app.nats.client.flush(), TIMEOUT)
+from conftest import TIMEOUT, eventually, nats_synced, unique
 
 
 async def subscribed_client(bridge: Any, ws_factory: Any, subject: str) -> Any:

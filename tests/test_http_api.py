@@ -5,22 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
-from conftest import TIMEOUT, NatsServer, eventually
-
-
-def unique(prefix: str = "http") -> str:
-    return f"{prefix}.{uuid.uuid4().hex[:12]}"
-
-
-async def nats_synced(bridge: Any) -> None:
-    """Wait until nats-server has processed every SUB/UNSUB the bridge sent so far."""
-    await asyncio.wait_for(bridge.app.nats.client.flush(), TIMEOUT)
+from conftest import TIMEOUT, NatsServer, eventually, nats_synced, publish, unique
 
 
 @pytest.fixture
@@ -34,10 +24,6 @@ async def post(http: aiohttp.ClientSession, bridge: Any, connection_id: str, bod
     async with http.post(f"{bridge.http_url}/clients/{connection_id}", data=data) as resp:
         return resp.status, await resp.json()
 
-
-async def publish(nc: Any, subject: str, data: Any) -> None:
-    await nc.publish(subject, json.dumps(data).encode())
-    await nc.flush()
 
 
 # ---------------------------------------------------------------------------

@@ -10,29 +10,18 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import uuid
 from contextlib import suppress
 from typing import Any
 
 import aiohttp
 import pytest
-from conftest import TIMEOUT, eventually
+from conftest import TIMEOUT, eventually, nats_synced, publish, unique
 
 CLOSING = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED,
            aiohttp.WSMsgType.ERROR)
 
 
-def unique(prefix: str = "lim") -> str:
-    return f"{prefix}.{uuid.uuid4().hex[:12]}"
 
-
-async def nats_synced(bridge: Any) -> None:
-    await asyncio.wait_for(bridge.app.nats.client.flush(), TIMEOUT)
-
-
-async def publish(nc: Any, subject: str, data: Any) -> None:
-    await nc.publish(subject, json.dumps(data).encode())
-    await nc.flush()
 
 
 async def close_code_of(ws: aiohttp.ClientWebSocketResponse, timeout: float = TIMEOUT) -> int | None:

@@ -14,14 +14,9 @@ import uuid
 from typing import Any
 
 import pytest
-from conftest import TIMEOUT
+from conftest import TIMEOUT, publish
 
 from handler import DEFAULT_DENY, SubjectPolicy, pattern_within, patterns_overlap, subject_matches
-
-
-def unique(prefix: str = "pol") -> str:
-    return f"{prefix}.{uuid.uuid4().hex[:12]}"
-
 
 # ---------------------------------------------------------------------------
 # A small universe: every pattern over tokens a, b, *, > (up to 3 tokens) and
@@ -233,10 +228,6 @@ def test_publish_policy_applies_deny_list_even_when_allowed():
 # End to end through the bridge
 # ---------------------------------------------------------------------------
 
-
-async def publish(nc: Any, subject: str, data: Any) -> None:
-    await nc.publish(subject, json.dumps(data).encode())
-    await nc.flush()
 
 
 async def subjects_until(client: Any, marker: str) -> list[str]:

@@ -12,25 +12,11 @@ import uuid
 from typing import Any
 
 import pytest
-from conftest import TIMEOUT
+from conftest import TIMEOUT, nats_synced, unique
 
 BAD_ACTION = (
     "The user has to specify action in message ('subscribe' or 'unsubscribe'), got {} instead"
 )
-
-
-def unique(prefix: str = "proto") -> str:
-    """A subject no other test uses, so the shared nats-server cannot mix tests up."""
-    return f"{prefix}.{uuid.uuid4().hex[:12]}"
-
-
-async def nats_synced(bridge: Any) -> None:
-    """Wait until nats-server has processed every SUB/UNSUB the bridge sent so far.
-
-    The bridge replies to a subscribe once nats-py has queued the SUB; a PING/PONG
-    on the bridge's own connection makes sure the server has it before we publish.
-    """
-    await asyncio.wait_for(bridge.app.nats.client.flush(), TIMEOUT)
 
 
 async def publish_and_expect(bridge: Any, nc: Any, client: Any, subject: str) -> dict[str, Any]:

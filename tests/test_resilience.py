@@ -15,7 +15,6 @@ import signal
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import suppress
 from typing import Any
@@ -23,14 +22,11 @@ from typing import Any
 import aiohttp
 import nats
 import pytest
-from conftest import TIMEOUT, NatsServer, eventually, free_port
+from conftest import TIMEOUT, NatsServer, eventually, free_port, unique
 
 RECONNECT_WAIT = 0.2
 FAILOVER_BOUND = 5.0  # seconds, from the issue
 
-
-def unique(prefix: str = "res") -> str:
-    return f"{prefix}.{uuid.uuid4().hex[:12]}"
 
 
 async def status_frame(client: Any, timeout: float = TIMEOUT) -> dict[str, Any]:

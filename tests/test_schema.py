@@ -6,12 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import uuid
 from typing import Any
 
 import aiohttp
 import pytest
-from conftest import ROOT, TIMEOUT, NatsServer, eventually
+from conftest import ROOT, TIMEOUT, NatsServer, eventually, nats_synced, unique
 from schema_check import (
     CLIENT_FRAME,
     SERVER_FRAME,
@@ -26,13 +25,6 @@ from handler import subject_error
 PROTOCOL_DOC = ROOT / "docs" / "protocol.md"
 
 
-def unique(prefix: str = "schema") -> str:
-    return f"{prefix}.{uuid.uuid4().hex[:12]}"
-
-
-async def nats_synced(bridge: Any) -> None:
-    """nats-server has every SUB the bridge sent so far (a PING/PONG on its connection)."""
-    await asyncio.wait_for(bridge.app.nats.client.flush(), TIMEOUT)
 
 
 async def receive_type(client: Any, kind: str) -> dict[str, Any]:

@@ -10,24 +10,9 @@ import asyncio
 import json
 import socket
 import struct
-import uuid
 from typing import Any
 
-from conftest import TIMEOUT, eventually
-
-
-def unique(prefix: str = "subs") -> str:
-    return f"{prefix}.{uuid.uuid4().hex[:12]}"
-
-
-async def nats_synced(bridge: Any) -> None:
-    """Wait until nats-server has processed every SUB/UNSUB the bridge sent so far."""
-    await asyncio.wait_for(bridge.app.nats.client.flush(), TIMEOUT)
-
-
-async def publish(nc: Any, subject: str, data: Any) -> None:
-    await nc.publish(subject, json.dumps(data).encode())
-    await nc.flush()
+from conftest import eventually, nats_synced, publish, unique
 
 
 def count_of(nats_server: Any, bridge: Any, subject: str) -> int:
