@@ -617,13 +617,12 @@ class Client:
 class Topic:
     """One NATS subscription and the clients that share it."""
 
-    __slots__ = ("clients", "delivered", "filtered", "pattern", "sub")
+    __slots__ = ("clients", "filtered", "pattern", "sub")
 
     def __init__(self, pattern: str, filtered: bool) -> None:
         self.pattern = pattern
         self.clients: set[Client] = set()
         self.sub: Subscription | None = None
-        self.delivered = 0
         # True when the pattern can match denied subjects (e.g. ">"), so each
         # message's subject is checked before it is forwarded.
         self.filtered = filtered
@@ -907,7 +906,6 @@ class WSSManager:
                 stats.filtered += 1
                 return
             frame = text_frame(encode_nats_message(msg))
-            topic.delivered += 1
             for client in topic.clients:
                 client.send(frame)
 
