@@ -40,7 +40,7 @@ def undo_nest_asyncio() -> None:
     asyncio's C Task and Future for the pure-Python ones and patches the event
     loop class, so that Panini's *_sync helpers can re-enter a running loop.  The
     bridge never uses those helpers, and the pure-Python versions cost time on
-    every await of every message (bench/RESULTS.md), so the originals go back.
+    every await of every message (README, Benchmark), so the originals go back.
     """
     import _asyncio
 

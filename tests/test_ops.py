@@ -161,3 +161,13 @@ async def test_manager_holds_no_state_after_all_clients_leave(bridge, ws_factory
     for client in clients:
         await client.close()
     await eventually(lambda: not bridge.manager.clients and not bridge.manager.topics)
+
+
+async def test_importing_the_bridge_leaves_asyncio_with_its_c_tasks_and_futures():
+    # Panini's import applies nest_asyncio (pure-Python Task/Future); main.py undoes it.
+    import _asyncio
+
+    assert asyncio.Task is _asyncio.Task
+    assert asyncio.Future is _asyncio.Future
+    assert type(asyncio.current_task()) is _asyncio.Task
+    assert "_nest_patched" not in vars(asyncio.SelectorEventLoop)
