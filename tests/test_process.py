@@ -210,32 +210,19 @@ async def start_with_client(bridge_process, nats_server, ws_factory):
     return bp, client
 
 
-async def test_sigterm_closes_websocket_clients_with_1001(bridge_process, nats_server, ws_factory):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+async def test_signal_closes_websocket_clients_with_1001(bridge_process, nats_server, ws_factory, sig):
     bp, client = await start_with_client(bridge_process, nats_server, ws_factory)
-    bp.proc.send_signal(signal.SIGTERM)
+    bp.proc.send_signal(sig)
     msg = await asyncio.wait_for(client.ws.receive(), TIMEOUT)
     assert msg.type is aiohttp.WSMsgType.CLOSE, msg
     assert msg.data == 1001
 
 
-async def test_sigterm_exits_0(bridge_process, nats_server, ws_factory):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+async def test_signal_exits_0(bridge_process, nats_server, ws_factory, sig):
     bp, _ = await start_with_client(bridge_process, nats_server, ws_factory)
-    returncode, output = await asyncio.to_thread(bp.stop, signal.SIGTERM)
-    assert returncode == 0, output
-    assert "Traceback" not in output, output
-
-
-async def test_sigint_closes_websocket_clients_with_1001(bridge_process, nats_server, ws_factory):
-    bp, client = await start_with_client(bridge_process, nats_server, ws_factory)
-    bp.proc.send_signal(signal.SIGINT)
-    msg = await asyncio.wait_for(client.ws.receive(), TIMEOUT)
-    assert msg.type is aiohttp.WSMsgType.CLOSE, msg
-    assert msg.data == 1001
-
-
-async def test_sigint_exits_0(bridge_process, nats_server, ws_factory):
-    bp, _ = await start_with_client(bridge_process, nats_server, ws_factory)
-    returncode, output = await asyncio.to_thread(bp.stop, signal.SIGINT)
+    returncode, output = await asyncio.to_thread(bp.stop, sig)
     assert returncode == 0, output
     assert "Traceback" not in output, output
 
