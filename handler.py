@@ -529,10 +529,11 @@ class Client:
                 self._queued_bytes -= len(frame)
                 size += len(frame)
                 batch.append(frame)
-            transport.write(b"".join(batch))
+            data = b"".join(batch)
+            transport.write(data)
             self.sent += len(batch)
             stats.frames_sent += len(batch)
-            stats.bytes_sent += sum(len(f) for f in batch)
+            stats.bytes_sent += len(data)
 
     # -- control-frame rate ----------------------------------------------------
 
