@@ -15,16 +15,33 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from handler import (
-    DEFAULT_DENY,
-    OVERFLOW_DISCONNECT,
-    OVERFLOW_DROP_OLDEST,
-    Limits,
-    SubjectPolicy,
-    subject_error,
-)
+from subjects import DEFAULT_DENY, SubjectPolicy, subject_error
 
 TEST_SUBJECT = "test.subject"
+
+OVERFLOW_DISCONNECT = "disconnect"
+OVERFLOW_DROP_OLDEST = "drop_oldest"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-client limits, as the connection and the manager use them (from Config.limits)."""
+
+    queue_messages: int = 10_000
+    queue_bytes: int = 8 * 1024 * 1024
+    overflow: str = OVERFLOW_DISCONNECT
+    max_subject_length: int = 256
+    max_subscriptions: int = 100
+    max_subjects_per_request: int = 50
+    control_rate: float = 20.0
+    # Rejected frames (leaking one per second) before a flooding client is closed.
+    control_strikes: int = 10
+    max_publish_bytes: int = 64 * 1024
+    close_timeout: float = 5.0
+    flush_delay: float = 0.0
+    max_frame_bytes: int = 64 * 1024
+    ping_interval: float = 20.0
+    pong_timeout: float = 10.0
 
 
 class ConfigError(ValueError):
@@ -247,6 +264,9 @@ class Config:
             control_rate=self.control_rate,
             max_publish_bytes=self.max_publish_bytes,
             flush_delay=self.flush_delay,
+            max_frame_bytes=self.max_frame_bytes,
+            ping_interval=self.ping_interval,
+            pong_timeout=self.pong_timeout,
         )
 
     @property

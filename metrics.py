@@ -1,6 +1,6 @@
 """Prometheus metrics for the bridge.
 
-The hot path only bumps plain integers (``handler.Stats``); this collector turns
+The hot path only bumps plain integers (``Stats`` below); this collector turns
 them into metric families when /metrics is scraped, so a delivered message costs
 no lock and no label lookup.
 """
@@ -10,13 +10,31 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from handler import WSSManager
+if TYPE_CHECKING:
+    from handler import WSSManager
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass
+class Stats:
+    """The manager's counters: plain integers bumped on the hot path, exported at scrape time."""
+
+    messages_received: int = 0
+    frames_sent: int = 0
+    bytes_sent: int = 0
+    dropped: int = 0
+    filtered: int = 0
+    slow_consumer_disconnects: int = 0
+    rate_limit_disconnects: int = 0
+    published: int = 0
+    connections_opened: int = 0
+    bad_frames: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass

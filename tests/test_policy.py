@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from conftest import TIMEOUT, publish
 
-from handler import DEFAULT_DENY, SubjectPolicy, pattern_within, patterns_overlap, subject_matches
+from subjects import DEFAULT_DENY, SubjectPolicy, pattern_within, patterns_overlap, subject_matches
 
 # ---------------------------------------------------------------------------
 # A small universe: every pattern over tokens a, b, *, > (up to 3 tokens) and

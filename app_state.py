@@ -1,0 +1,17 @@
+"""The typed keys of the aiohttp application's state (``web.AppKey``), shared by the modules."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from panini import app as panini_app
+from prometheus_client import CollectorRegistry
+
+import metrics
+from config import Config
+from handler import WSSManager
+
+CONFIG = web.AppKey("config", Config)
+PANINI = web.AppKey("panini", panini_app.App)
+MANAGER = web.AppKey("manager", WSSManager)
+LINK = web.AppKey("link", metrics.LinkStats)
+REGISTRY = web.AppKey("registry", CollectorRegistry)

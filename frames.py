@@ -1,0 +1,213 @@
+"""The wire format: what the bridge sends and how it reads what clients send.
+
+NATS message -> JSON frame bytes (built once per message, shared by every
+client), the reply and the protocol's fixed strings, complete WebSocket frame
+bytes (the bridge writes them straight to transports), and the parsing of a
+client's control frame.  Pure functions, no I/O; docs/protocol.md and
+docs/schema/ describe the same frames for client authors.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import struct
+from typing import Any
+
+from aiohttp.http_websocket import WSCloseCode
+from nats.aio.msg import Msg
+
+PROTOCOL_VERSION = 1
+
+# Close codes (RFC 6455 section 7.4.1).
+CLOSE_GOING_AWAY = int(WSCloseCode.GOING_AWAY)  # 1001: server shutting down
+CLOSE_POLICY_VIOLATION = int(WSCloseCode.POLICY_VIOLATION)  # 1008: kept flooding
+CLOSE_TRY_AGAIN_LATER = int(WSCloseCode.TRY_AGAIN_LATER)  # 1013: slow consumer
+CLOSE_INTERNAL_ERROR = int(WSCloseCode.INTERNAL_ERROR)  # 1011
+
+# The example's exact strings are part of the wire protocol.
+MSG_CONNECTED = "Successfully connected"
+MSG_SUBJECTS_REQUIRED = "subjects required"
+
+
+def msg_bad_action(action: Any) -> str:
+    return (
+        "The user has to specify action in message ('subscribe' or 'unsubscribe'), "
+        f"got {action} instead"
+    )
+
+
+def msg_subscribed(subjects: list[str]) -> str:
+    # str(list)[1:-1] is the example's formatting: 'a', 'b'
+    return f"Successfully connected to events: {str(subjects)[1:-1]}"
+
+
+def msg_unsubscribed(subject: str) -> str:
+    return f"Successfully unsubscribed from event: {subject}"
+
+
+def msg_not_subscribed(subject: str) -> str:
+    return f"The user did not subscribe to event {subject}"
+
+
+# ---------------------------------------------------------------------------
+# Frames the bridge sends
+# ---------------------------------------------------------------------------
+
+
+def _reject_constant(name: str) -> Any:
+    # NaN and Infinity are accepted by json.loads but are not JSON: a browser's
+    # JSON.parse would choke on the frame, so such payloads travel as text.
+    raise ValueError(name)
+
+
+def encode_nats_message(msg: Msg) -> bytes:
+    """The UTF-8 JSON frame for one NATS message, built once and shared by all clients.
+
+    A JSON payload is spliced in verbatim (after validation) rather than
+    re-serialised: cheaper, and big integers or exact float spellings survive.
+    """
+    head = '{"subject":' + json.dumps(msg.subject, ensure_ascii=False)
+    payload = msg.data
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        body = ',"data":"' + base64.b64encode(payload).decode("ascii") + '","encoding":"base64"'
+    else:
+        try:
+            json.loads(text, parse_constant=_reject_constant)
+        except (ValueError, RecursionError):
+            body = ',"data":' + json.dumps(text, ensure_ascii=False)
+        else:
+            body = ',"data":' + text.strip()
+    extra = ""
+    if msg.headers:
+        extra += ',"headers":' + json.dumps(msg.headers, ensure_ascii=False)
+    if msg.reply:
+        extra += ',"reply":' + json.dumps(msg.reply, ensure_ascii=False)
+    return (head + body + extra + "}").encode("utf-8")
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A complete server-to-client WebSocket text frame (RFC 6455 5.2; servers never mask)."""
+    n = len(payload)
+    if n < 126:
+        header = bytes((0x81, n))
+    elif n < 1 << 16:
+        header = struct.pack("!BBH", 0x81, 126, n)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, n)
+    return header + payload
+
+
+def close_frame(code: int, reason: bytes) -> bytes:
+    payload = struct.pack("!H", code) + reason
+    return bytes((0x88, len(payload))) + payload
+
+
+def dump(frame: dict[str, Any]) -> bytes:
+    try:
+        return json.dumps(frame, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate echoed from the client (an id, an action) is not
+        # UTF-8; as a \u escape it is still valid JSON in a valid text frame.
+        return json.dumps(frame).encode("ascii")
+
+
+def reply(success: bool, message: str, request_id: Any = None, **extra: Any) -> dict[str, Any]:
+    frame: dict[str, Any] = {"success": success, "message": message, "type": "reply"}
+    if request_id is not None:
+        frame["id"] = request_id
+    frame.update(extra)
+    return frame
+
+
+class BadFrame(Exception):
+    """A control frame we answer with an error reply; ``kind`` labels the metric."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+def json_frame(frame: dict[str, Any]) -> bytes:
+    """A control frame as complete WebSocket frame bytes."""
+    return text_frame(dump(frame))
+
+
+def dropped_frame(n: int) -> bytes:
+    return json_frame({"success": False, "type": "dropped", "dropped": n,
+                       "message": f"{n} messages dropped: this client reads too slowly"})
+
+
+# ---------------------------------------------------------------------------
+# Frames clients send
+# ---------------------------------------------------------------------------
+
+
+def parse_object(text: str | bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(text)
+    except ValueError as exc:
+        raise BadFrame("json", f"Invalid JSON: {exc}") from None
+    except RecursionError:
+        raise BadFrame("json", "Invalid JSON: nested too deeply") from None
+    if not isinstance(body, dict):
+        raise BadFrame("not_object", f"Expected a JSON object, got {_json_type(body)}")
+    return body
+
+
+def peek_id(text: str) -> Any:
+    """The id of a frame we will not otherwise process, so even that reply can be matched."""
+    try:
+        body = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return echoable(body.get("id")) if isinstance(body, dict) else None
+
+
+def echoable(request_id: Any) -> Any:
+    """The request id to echo, if it is a plain JSON scalar that survives the round trip."""
+    if isinstance(request_id, bool) or request_id is None:
+        return request_id
+    if isinstance(request_id, str) and len(request_id) <= 256:
+        return request_id
+    if isinstance(request_id, int) and abs(request_id) < 2**53:
+        return request_id
+    if isinstance(request_id, float) and math.isfinite(request_id):
+        return request_id
+    return None
+
+
+def publish_payload(body: dict[str, Any]) -> bytes:
+    """A string is sent as its text, base64 as its bytes, any other JSON value as JSON."""
+    if "data" not in body:
+        raise BadFrame("publish", "publish needs 'data'")
+    data = body["data"]
+    if body.get("encoding") == "base64":
+        if not isinstance(data, str):
+            raise BadFrame("publish", "base64 data must be a string")
+        try:
+            return base64.b64decode(data, validate=True)
+        except binascii.Error as exc:
+            raise BadFrame("publish", f"Invalid base64: {exc}") from None
+    try:
+        if isinstance(data, str):
+            return data.encode("utf-8")
+        return json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadFrame("publish", "data is not valid Unicode (lone surrogate)") from None
+
+
+def _json_type(value: Any) -> str:
+    return {
+        list: "an array",
+        str: "a string",
+        int: "a number",
+        float: "a number",
+        bool: "a boolean",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
