@@ -152,8 +152,10 @@ class Client:
 
     def flush(self) -> None:
         """Write what this turn gathered, or queue it if the peer is lagging."""
+        if self._closing:
+            return  # what is pending is the closer's to send or discard
         frames, self._pending = self._pending, []
-        if self._closing or not frames:
+        if not frames:
             return
         if not self._queue and not self._protocol.writing_paused:
             if self._transport.is_closing():
@@ -274,7 +276,9 @@ class Client:
         now = time.monotonic()
         self._strikes = max(0.0, self._strikes - (now - self._strikes_at)) + 1
         self._strikes_at = now
-        return self._strikes >= self._limits.control_strikes
+        # "> strikes - 1", not ">= strikes": a burst's strikes come microseconds
+        # apart, and that much forgiveness must not buy an extra frame.
+        return self._strikes > self._limits.control_strikes - 1
 
     # -- closing ---------------------------------------------------------------
 

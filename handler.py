@@ -50,7 +50,7 @@ from frames import (
     text_frame,
 )
 from metrics import Stats
-from subjects import SubjectPolicy, subject_error, subject_matches
+from subjects import SubjectPolicy, patterns_overlap, subject_error, subject_matches
 
 logger = logging.getLogger(__name__)
 
@@ -215,14 +215,14 @@ class WSSManager:
             return
         if not client.take_control_token():
             self.stats.bad_frames["rate"] += 1
-            if client.strike():
-                logger.warning("client %s (%s) keeps flooding; closing", client.id, client.peer)
-                self.stats.rate_limit_disconnects += 1
-                client.close_soon(CLOSE_POLICY_VIOLATION, "control frame rate exceeded")
-                return
             rate = self.limits.control_rate
             client.send_json(reply(False, f"Rate limit: at most {rate:g} control frames per second",
                                    peek_id(text)))
+            if client.strike():
+                logger.warning("client %s (%s) keeps flooding; closing", client.id, client.peer)
+                self.stats.rate_limit_disconnects += 1
+                # Every frame read so far has its reply queued: they go out first.
+                client.close_soon(CLOSE_POLICY_VIOLATION, "control frame rate exceeded", send_queued=True)
             return
         for frame in await self.handle_request(client, text):
             client.send_json(frame)
@@ -271,7 +271,7 @@ class WSSManager:
             error = subject_error(subject, self.limits.max_subject_length)
             if error:
                 raise BadFrame("subject", error)
-        return subjects
+        return list(dict.fromkeys(subjects))
 
     async def subscribe(
         self, client: Client, subjects: list[str], request_id: Any = None
@@ -280,7 +280,7 @@ class WSSManager:
             refusal = self.policy.refusal(subject)
             if refusal:
                 raise BadFrame("policy", refusal)
-        wanted = list(dict.fromkeys(s for s in subjects if s not in client.subjects))
+        wanted = [s for s in subjects if s not in client.subjects]
         if len(client.subjects) + len(wanted) > self.limits.max_subscriptions:
             raise BadFrame(
                 "limit", f"Subscription limit: at most {self.limits.max_subscriptions} per connection"
@@ -308,6 +308,9 @@ class WSSManager:
 
     async def publish(self, body: dict[str, Any], request_id: Any = None) -> dict[str, Any]:
         """Publish from the browser: only where the policy's publish patterns allow."""
+        if not self.policy.publish_allow:
+            # Said before anything else is checked: the rest of the frame is moot.
+            raise BadFrame("policy", "Publishing is disabled on this bridge")
         subject = body.get("subject")
         if not isinstance(subject, str):
             raise BadFrame("publish", "publish needs a string 'subject'")
@@ -345,7 +348,8 @@ class WSSManager:
                         logger.debug("NATS subscription created for %s", pattern)
                     # The client's older patterns keep delivering what they already
                     # match, so adding a pattern can never lose or double a message.
-                    topic.add(client, ())
+                    older = tuple(p for p in client.subjects if patterns_overlap(p, pattern))
+                    topic.add(client, older)
                     client.subjects[pattern] = None
                 if created:
                     await self._confirm_subscriptions()

@@ -296,6 +296,27 @@ async def test_flooding_past_control_rate_closes_with_1008(bridge_factory, nats_
     assert limited > 0
 
 
+async def test_burst_of_40_frames_gets_every_reply_up_to_the_close_then_1008(bridge, ws_factory):
+    # Default CONTROL_RATE (20/s, burst 20) and 10 strikes: frames 0-19 succeed,
+    # 20-29 get rate-limit replies, and the 10th of those (frame 29) closes.
+    client = await ws_factory(bridge.ws_url)
+    subject = unique("flood")
+    for i in range(40):
+        await client.send({"subjects": [subject], "action": "subscribe", "id": i})
+    got = []
+    while True:
+        msg = await asyncio.wait_for(client.ws.receive(), TIMEOUT)
+        if msg.type in CLOSING:
+            break
+        got.append(json.loads(msg.data))
+    assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1008)
+    assert [r["id"] for r in got] == list(range(len(got)))
+    successes = [r for r in got if r["success"]]
+    assert successes == got[: len(successes)] and len(successes) >= 20
+    assert all(rate_limited(r) for r in got[len(successes):])
+    assert len(got) - len(successes) == 10
+
+
 async def test_flooding_client_counts_as_one_rate_limit_disconnect(bridge_factory, nats_server, ws_factory):
     bridge = await bridge_factory(nats_url=nats_server.url, control_rate=5)
     client = await ws_factory(bridge.ws_url)

@@ -311,6 +311,22 @@ async def test_publish_is_refused_when_disabled(bridge, ws_factory):
     assert "Publishing is disabled" in frame["message"]
 
 
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"action": "publish"},
+        {"action": "publish", "subjects": ["x"]},
+        {"action": "publish", "subject": "bad..subject", "data": 1},
+        {"action": "publish", "subject": "x", "data": "AA", "encoding": "base64", "id": 7},
+    ],
+    ids=["nothing-else", "subjects-instead-of-subject", "invalid-subject", "complete"],
+)
+async def test_publish_disabled_is_said_before_the_rest_of_the_frame_is_checked(bridge, ws_factory, frame):
+    client = await ws_factory(bridge.ws_url)
+    reply = await client.request(frame)
+    assert (reply["success"], reply["message"]) == (False, "Publishing is disabled on this bridge")
+
+
 async def test_welcome_says_publish_false_when_disabled(bridge, ws_factory):
     client = await ws_factory(bridge.ws_url)
     assert client.welcome["publish"] is False

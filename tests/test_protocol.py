@@ -109,6 +109,35 @@ async def test_unsubscribe_replies_once_per_subject(bridge, ws_factory):
     ]
 
 
+async def test_subscribe_with_a_subject_repeated_echoes_it_once(bridge, ws_factory):
+    client = await ws_factory(bridge.ws_url)
+    subject, other = unique("dup"), unique("dup")
+    frame = await client.request({"subjects": [subject, subject, other, subject], "action": "subscribe"})
+    assert frame["message"] == f"Successfully connected to events: '{subject}', '{other}'"
+    assert frame["subjects"] == [subject, other]
+
+
+async def test_unsubscribe_with_a_subject_repeated_answers_once_per_distinct_subject(bridge, ws_factory):
+    client = await ws_factory(bridge.ws_url)
+    subject = unique("dup")
+    await client.subscribe(subject)
+    first = await client.request({"subjects": [subject, subject], "action": "unsubscribe", "id": "u"})
+    assert (first["success"], first["subjects"]) == (True, [subject])
+    # The next reply is the one for this probe, not a second answer for the repeat.
+    probe = await client.request({"subjects": [subject], "action": "unsubscribe", "id": "probe"})
+    assert (probe["id"], probe["success"]) == ("probe", False)
+
+
+async def test_repeated_subject_counts_once_against_max_subscriptions(
+    bridge_factory, nats_server, ws_factory
+):
+    bridge = await bridge_factory(nats_url=nats_server.url, max_subscriptions=1)
+    client = await ws_factory(bridge.ws_url)
+    subject = unique("dup")
+    frame = await client.request({"subjects": [subject, subject, subject], "action": "subscribe"})
+    assert frame["success"] is True, frame
+
+
 async def test_unsubscribed_client_stops_receiving(bridge, ws_factory, nc):
     client = await ws_factory(bridge.ws_url)
     subject = unique()

@@ -294,6 +294,93 @@ async def test_star_then_gt_needs_at_least_two_tokens(bridge, ws_factory, nc):
 
 
 # ---------------------------------------------------------------------------
+# Overlapping patterns: each message once per client
+# ---------------------------------------------------------------------------
+
+
+async def deliveries(bridge: Any, nc: Any, client: Any, base: str, suffixes: list[str],
+                     expected: int) -> list[str]:
+    """Publish on ``base + s`` for each suffix; return the suffixes of the ``expected`` messages
+    ``client`` receives, sorted (messages of different NATS subscriptions may interleave),
+    after checking that nothing more arrives."""
+    await nats_synced(bridge)
+    for suffix in suffixes:
+        await nc.publish(base + suffix, json.dumps(suffix).encode())
+    await nc.flush()
+    got = [(await client.receive_message())["subject"].removeprefix(base) for _ in range(expected)]
+    await client.assert_silent(0.3)
+    return sorted(got)
+
+
+async def overlapping_client(bridge: Any, ws_factory: Any, base: str, *patterns: str) -> Any:
+    client = await ws_factory(bridge.ws_url)
+    for pattern in patterns:
+        await client.subscribe(base + pattern)
+    return client
+
+
+async def test_exact_subject_and_star_deliver_each_message_once(bridge, ws_factory, nc):
+    base = unique("ov") + "."
+    client = await overlapping_client(bridge, ws_factory, base, "test.subject", "test.*")
+    got = await deliveries(bridge, nc, client, base, ["test.subject", "test.other", "test.subject"], 3)
+    assert got == ["test.other", "test.subject", "test.subject"]
+
+
+async def test_star_then_exact_subject_deliver_each_message_once(bridge, ws_factory, nc):
+    base = unique("ov") + "."
+    client = await overlapping_client(bridge, ws_factory, base, "test.*", "test.subject")
+    got = await deliveries(bridge, nc, client, base, ["test.subject", "test.other"], 2)
+    assert got == ["test.other", "test.subject"]
+
+
+async def test_gt_and_partly_overlapping_star_deliver_each_message_once(bridge, ws_factory, nc):
+    base = unique("ov") + "."
+    client = await overlapping_client(bridge, ws_factory, base, "a.b.*", "a.>")
+    got = await deliveries(bridge, nc, client, base, ["a.b.c", "a.x", "a.b.c.d", "a.b.z"], 4)
+    assert got == ["a.b.c", "a.b.c.d", "a.b.z", "a.x"]
+
+
+async def test_three_overlapping_patterns_deliver_each_message_once(bridge, ws_factory, nc):
+    base = unique("ov") + "."
+    client = await overlapping_client(bridge, ws_factory, base, "a.*.c", "a.b.*", "a.>")
+    got = await deliveries(bridge, nc, client, base, ["a.b.c", "a.x.c", "a.b.x", "a.x.x", "a.b"], 5)
+    assert got == ["a.b", "a.b.c", "a.b.x", "a.x.c", "a.x.x"]
+
+
+async def test_after_unsubscribing_the_older_pattern_the_newer_one_still_delivers(bridge, ws_factory, nc):
+    base = unique("ov") + "."
+    client = await overlapping_client(bridge, ws_factory, base, "test.*", "test.subject")
+    await client.request({"subjects": [base + "test.*"], "action": "unsubscribe"})
+    got = await deliveries(bridge, nc, client, base, ["test.subject", "test.other", "test.subject"], 2)
+    assert got == ["test.subject", "test.subject"]
+
+
+async def test_after_unsubscribing_the_newer_pattern_the_older_one_still_delivers_once(
+    bridge, ws_factory, nc
+):
+    base = unique("ov") + "."
+    client = await overlapping_client(bridge, ws_factory, base, "test.*", "test.subject")
+    await client.request({"subjects": [base + "test.subject"], "action": "unsubscribe"})
+    got = await deliveries(bridge, nc, client, base, ["test.subject", "test.other"], 2)
+    assert got == ["test.other", "test.subject"]
+
+
+async def test_overlap_of_one_client_changes_nothing_for_another(bridge, ws_factory, nc):
+    base = unique("ov") + "."
+    await overlapping_client(bridge, ws_factory, base, "test.subject", "test.*")
+    plain = await overlapping_client(bridge, ws_factory, base, "test.subject")
+    got = await deliveries(bridge, nc, plain, base, ["test.subject", "test.other", "test.subject"], 2)
+    assert got == ["test.subject", "test.subject"]
+
+
+async def test_client_without_overlap_gets_every_message_of_each_pattern(bridge, ws_factory, nc):
+    base = unique("ov") + "."
+    client = await overlapping_client(bridge, ws_factory, base, "a.*", "b.>")
+    got = await deliveries(bridge, nc, client, base, ["a.1", "b.1.2", "a.2", "c.1", "b.3"], 4)
+    assert got == ["a.1", "a.2", "b.1.2", "b.3"]
+
+
+# ---------------------------------------------------------------------------
 # A client whose TCP connection is reset
 # ---------------------------------------------------------------------------
 
