@@ -48,47 +48,59 @@ class ConfigError(ValueError):
     """A setting has a value we cannot use; reported as one line, no traceback."""
 
 
-# -- parsers: text in, value out, ValueError("must ...") on bad input ---------
+# -- parsers: text in, value out; on bad input ValueError("expected ...") ------
+
+
+def _number(text: str, kind: type[int] | type[float], expected: str) -> float:
+    try:
+        return kind(text.strip())
+    except ValueError:
+        raise ValueError(expected) from None
 
 
 def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise ValueError("must be a port number from 0 to 65535")
+    expected = "expected an integer port 1-65535"
+    value = int(_number(text, int, expected))
+    if not 1 <= value <= 65535:
+        raise ValueError(expected)
     return value
 
 
 def _seconds(text: str) -> float:
-    value = float(text)
+    expected = "expected a number of seconds >= 0, like 1 or 0.5"
+    value = _number(text, float, expected)
     if not 0 <= value < float("inf"):
-        raise ValueError("must be a number of seconds >= 0")
+        raise ValueError(expected)
     return value
 
 
 def _positive_seconds(text: str) -> float:
-    value = _seconds(text)
-    if value == 0:
-        raise ValueError("must be a number of seconds > 0")
+    expected = "expected a number of seconds > 0, like 1 or 0.5"
+    value = _number(text, float, expected)
+    if not 0 < value < float("inf"):
+        raise ValueError(expected)
     return value
 
 
 def _count(text: str) -> int:
-    value = int(text)
+    expected = "expected a whole number >= 1"
+    value = int(_number(text, int, expected))
     if value < 1:
-        raise ValueError("must be a whole number >= 1")
+        raise ValueError(expected)
     return value
 
 
 def _rate(text: str) -> float:
-    value = float(text)
+    expected = "expected a number > 0, like 20 or 0.5"
+    value = _number(text, float, expected)
     if not 0 < value < float("inf"):
-        raise ValueError("must be a number > 0")
+        raise ValueError(expected)
     return value
 
 
 def _text(text: str) -> str:
     if not text.strip():
-        raise ValueError("must not be empty")
+        raise ValueError("expected a non-empty value")
     return text.strip()
 
 
@@ -101,18 +113,19 @@ def _patterns(text: str) -> tuple[str, ...]:
     for pattern in patterns:
         error = subject_error(pattern, 1024)
         if error:
-            raise ValueError(f"must be subject patterns: {error}")
+            raise ValueError(f"expected comma-separated NATS subject patterns like orders.*,user.>; {error}")
     return patterns
 
 
 def _nats_urls(text: str) -> str:
     urls = _list(text)
+    expected = "expected NATS server URLs, comma-separated, like nats://127.0.0.1:4222"
     if not urls:
-        raise ValueError("must name at least one server, e.g. nats://127.0.0.1:4222")
+        raise ValueError(expected)
     for url in urls:
         parts = urlsplit(url)
         if parts.scheme not in ("nats", "tls", "ws", "wss") or not parts.hostname:
-            raise ValueError(f"must be NATS URLs like nats://host:4222, got {url!r}")
+            raise ValueError(f"{expected} (scheme nats, tls, ws or wss); {url!r} is not one")
     return ",".join(urls)
 
 
@@ -120,7 +133,7 @@ def _choice(*choices: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip().lower()
         if value not in choices:
-            raise ValueError(f"must be one of {', '.join(choices)}")
+            raise ValueError(f"expected one of {', '.join(choices)}")
         return value
 
     return parse
@@ -323,8 +336,7 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
         try:
             values[f.name] = f.metadata["parse"](raw)
         except ValueError as exc:
-            reason = str(exc) if str(exc).startswith("must") else "not a valid value"
-            raise ConfigError(f"{source}={raw!r}: {reason}") from None
+            raise ConfigError(f"{source}={raw!r}: {exc}") from None
     return Config(**values)
 
 

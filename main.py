@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import mimetypes
+import os
 import random
 import socket
 import sys
@@ -104,7 +105,9 @@ async def panini_tasks(web_app: web.Application) -> AsyncIterator[None]:
 async def close_websockets(web_app: web.Application) -> None:
     # Every client gets its 1001 at once; a peer that does not answer the
     # close within a second is cut off, so a stop never waits on one.
-    await web_app[MANAGER].close_all(CLOSE_GOING_AWAY, "server shutting down", timeout=None)
+    manager = web_app[MANAGER]
+    logger.info("stopping: closing %d connections", len(manager.clients))
+    await manager.close_all(CLOSE_GOING_AWAY, "server shutting down", timeout=1.0)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -124,7 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sock = listen(config.http_host, config.http_port)
     except OSError as exc:
         where = f"{config.http_host}:{config.http_port}"
-        print(f"main.py: error: cannot serve on {where}: {exc.strerror or exc}", file=sys.stderr)
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        print(f"main.py: error: cannot serve on {where}: {reason}", file=sys.stderr)
         return 1
     app = create_app(config)
     try:
@@ -134,11 +138,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             app.http_server.web_app,
             sock=sock,
             print=lambda text: logger.info("%s", text.splitlines()[0].strip("= ")),
-            shutdown_timeout=10,
+            shutdown_timeout=2,
         )
     except StartupError as exc:
         print(f"main.py: error: {exc}", file=sys.stderr)
         return 1
+    logger.info("stopped")
     return 0
 
 

@@ -6,12 +6,14 @@ import asyncio
 import dataclasses
 import re
 import signal
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import ROOT, TIMEOUT, BridgeProcess, free_port, spawn_bridge
+from conftest import ROOT, TIMEOUT, BridgeProcess, NatsServer, free_port, spawn_bridge, wait_for_port
 
 import main
 
@@ -240,3 +242,82 @@ async def test_no_logs_directory_is_created(bridge_process, nats_server, ws_fact
         assert files_under(logs) == before, "the bridge wrote under logs/"
     else:
         assert not logs.exists(), "the bridge created logs/"
+
+
+# ---------------------------------------------------------------------------
+# Start-up checks that must not wait for NATS
+# ---------------------------------------------------------------------------
+
+
+def test_bad_port_says_what_is_expected():
+    returncode, output = finish(spawn_bridge("--http-port", "abc"))
+    assert returncode == 2
+    assert lines_of(output) == ["main.py: error: --http-port='abc': expected an integer port 1-65535"]
+
+
+def test_taken_port_exits_within_2_s_with_one_line():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # NATS is unreachable too: a bridge that waited for it would take 30 s.
+        env = {"NATS_URL": f"nats://127.0.0.1:{free_port()}", "NATS_CONNECT_TIMEOUT": "30"}
+        started = time.monotonic()
+        bp = spawn_bridge(env={**env, "HTTP_PORT": str(port)}, port=port)
+        returncode, output = finish(bp, timeout=10)
+        elapsed = time.monotonic() - started
+    assert returncode == 1, output
+    assert elapsed < 2, f"took {elapsed:.1f} s"
+    assert lines_of(output) == [f"main.py: error: cannot serve on 127.0.0.1:{port}: Address already in use"]
+
+
+# ---------------------------------------------------------------------------
+# Shutdown ends promptly whatever NATS is doing
+# ---------------------------------------------------------------------------
+
+# When NATS is killed, in seconds relative to SIGTERM: well before ("down": the
+# bridge is already reconnecting), just before (the bridge has not noticed yet),
+# and after, throughout the shutdown and its NATS drain.
+NATS_KILLED_AT = [-0.5] * 3 + [-0.02, -0.01, -0.005, -0.003, -0.001, 0.0, 0.0, 0.0, 0.001, 0.002, 0.003,
+                               0.005, 0.01, 0.02, 0.05, 0.2, 1.0]
+
+
+@pytest.mark.parametrize("killed_at", NATS_KILLED_AT,
+                         ids=[f"{i}:{t:+g}s" for i, t in enumerate(NATS_KILLED_AT)])
+async def test_sigterm_exits_0_within_3_s_whatever_nats_does(ws_factory, killed_at):
+    server = NatsServer().start()
+    bp = spawn_bridge(env={"NATS_URL": server.url, "TEST_PUBLISH_INTERVAL": "0.05",
+                           "NATS_RECONNECT_WAIT": "0.2"})
+    try:
+        await asyncio.to_thread(wait_for_port, bp.port, 30, bp.proc)
+        client = await ws_factory(f"{bp.http_url}/stream")
+        await client.subscribe("test.subject", "proc.shutdown.>")
+        assert server.proc is not None
+        if killed_at < 0:
+            server.proc.kill()
+            await asyncio.sleep(-killed_at)
+        started = time.monotonic()
+        bp.proc.send_signal(signal.SIGTERM)
+        if killed_at >= 0:
+            await asyncio.sleep(killed_at)
+            server.proc.kill()
+        close = await close_frame_of(client)
+        returncode, output = await asyncio.to_thread(finish, bp, 10)
+        elapsed = time.monotonic() - started
+    finally:
+        bp.stop(signal.SIGKILL, timeout=10)
+        server.stop()
+    assert returncode == 0, output
+    assert elapsed < 3, f"took {elapsed:.1f} s\n{output}"
+    assert close == 1001, output
+    assert "Traceback" not in output and "cannot serve" not in output, output
+
+
+async def close_frame_of(client) -> int | None:
+    """The close code the server sends, skipping the frames before it."""
+    while True:
+        msg = await asyncio.wait_for(client.ws.receive(), TIMEOUT)
+        if msg.type is aiohttp.WSMsgType.CLOSE:
+            return int(msg.data)
+        if msg.type is not aiohttp.WSMsgType.TEXT:
+            return None
