@@ -1,7 +1,12 @@
-"""Who may connect: the browser's Origin and the static tokens (``AUTH_TOKENS``).
+"""Who may connect and who may use the control API, decided before the request goes further.
 
-Pure checks plus the one helper that turns a refusal into an HTTP answer
-before the WebSocket upgrade, counted by reason for /metrics.
+- /stream: the browser's Origin; then, with JWT on, a verified token (the
+  connection's user) or, with ``AUTH_TOKENS``, one of those static tokens.
+- The control API: a backend credential (``CONTROL_TOKENS``) once any user
+  authentication is configured.
+
+A refusal is a plain HTTP answer before the WebSocket upgrade, counted by
+reason for /metrics.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from app_state import CONFIG, LINK
+from app_state import CONFIG, KEYS, LINK
+from tokens import Identity, TokenError
 
 logger = logging.getLogger(__name__)
 
@@ -80,10 +86,75 @@ def refuse(
     return web.json_response({"success": False, "message": message}, status=status)
 
 
-def check_token(request: web.Request) -> web.Response | None:
-    """With ``AUTH_TOKENS`` set, the 401 for a request without one of them; else None."""
-    tokens = request.app[CONFIG].auth_tokens
-    if tokens and not token_valid(presented_token(request), tokens):
-        message = "Unauthorized: a valid token is required"
-        return refuse(request, request.app[LINK].refusals, "auth", 401, message)
+class Refused(Exception):
+    """A request refused before it reaches the bridge: the HTTP status and what to say."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+def identify(request: web.Request) -> Identity | None:
+    """Who is connecting to /stream: a verified user (JWT on), or None (anonymous); else Refused.
+
+    With any JWT_* key set every connection is a user: no token, or a token
+    that fails any check, is a 401 that says which check.
+    """
+    config = request.app[CONFIG]
+    given = presented_token(request)
+    if config.jwt_enabled:
+        if not given:
+            raise Refused(401, "token_missing", "Unauthorized: a token is required")
+        store = request.app[KEYS]
+        assert store.verifier is not None, "keys are loaded at start"
+        try:
+            return store.verifier.verify(given)
+        except TokenError as exc:
+            if exc.reason == "unknown_key":
+                store.unknown_kid()
+            raise Refused(401, f"token_{exc.reason}", f"Unauthorized: {exc.message}") from None
+    if config.auth_tokens and not token_valid(given, config.auth_tokens):
+        raise Refused(401, "auth", "Unauthorized: a valid token is required")
     return None
+
+
+def check_backend(request: web.Request) -> None:
+    """The control API is for backends: with user auth on, only a CONTROL_TOKENS bearer may use it.
+
+    Stops a user (or a page acting with the user's cookie) from subscribing,
+    publishing or disconnecting for others: user credentials get 403, and the
+    credential must be an Authorization header, which a browser never adds to
+    a cross-site request by itself.
+    """
+    config = request.app[CONFIG]
+    if not (config.control_tokens or config.auth_tokens or config.jwt_enabled):
+        return  # no auth configured anywhere: open, as the settings say
+    auth = request.headers.get("Authorization", "")
+    given = auth[7:].strip() if auth[:7].lower() == "bearer " else None
+    if token_valid(given, config.control_tokens):
+        return
+    if given and _is_user_credential(request, given):
+        raise Refused(403, "control_user_token",
+                      "Forbidden: a user's token cannot use the control API; use a CONTROL_TOKENS token")
+    hint = "" if config.control_tokens else " (none is configured: set CONTROL_TOKENS)"
+    raise Refused(401, "control_auth", f"Unauthorized: a control token is required{hint}")
+
+
+def _is_user_credential(request: web.Request, given: str) -> bool:
+    config = request.app[CONFIG]
+    if token_valid(given, config.auth_tokens):
+        return True
+    verifier = request.app[KEYS].verifier
+    if verifier is None:
+        return False
+    try:
+        verifier.verify(given)
+    except TokenError:
+        return False
+    return True
+
+
+def refused(request: web.Request, exc: Refused) -> web.Response:
+    return refuse(request, request.app[LINK].refusals, exc.reason, exc.status, exc.message)

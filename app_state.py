@@ -9,9 +9,11 @@ from prometheus_client import CollectorRegistry
 import metrics
 from config import Config
 from handler import WSSManager
+from keys import KeyStore
 
 CONFIG = web.AppKey("config", Config)
 PANINI = web.AppKey("panini", panini_app.App)
 MANAGER = web.AppKey("manager", WSSManager)
 LINK = web.AppKey("link", metrics.LinkStats)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
+KEYS = web.AppKey("keys", KeyStore)

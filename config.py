@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from subjects import DEFAULT_DENY, SubjectPolicy, subject_error
+from permissions import DEFAULT_DENY, SUB_TEMPLATE, SubjectPolicy, template_error
 
 TEST_SUBJECT = "test.subject"
 
@@ -46,6 +46,10 @@ class Limits:
 
 class ConfigError(ValueError):
     """A setting has a value we cannot use; reported as one line, no traceback."""
+
+
+class StartupError(RuntimeError):
+    """The service cannot start (NATS unreachable, a key unusable); the message is the one line shown."""
 
 
 # -- parsers: text in, value out; on bad input ValueError("expected ...") ------
@@ -111,10 +115,48 @@ def _list(text: str) -> tuple[str, ...]:
 def _patterns(text: str) -> tuple[str, ...]:
     patterns = _list(text)
     for pattern in patterns:
-        error = subject_error(pattern, 1024)
-        if error:
-            raise ValueError(f"expected comma-separated NATS subject patterns like orders.*,user.>; {error}")
+        if SUB_TEMPLATE in pattern:
+            raise ValueError(f"expected comma-separated NATS subject patterns ({SUB_TEMPLATE} is only "
+                             "allowed in SUBJECT_ALLOW and PUBLISH_ALLOW)")
+        _template_patterns(pattern)
     return patterns
+
+
+def _template_patterns(text: str) -> tuple[str, ...]:
+    patterns = _list(text)
+    for pattern in patterns:
+        error = template_error(pattern)
+        if error:
+            raise ValueError(f"expected comma-separated NATS subject patterns like orders.*,user.{{sub}}.>; "
+                             f"{error}")
+    return patterns
+
+
+def _secret(text: str) -> str:
+    if len(text.encode()) < 32:
+        raise ValueError("expected an HMAC secret of at least 32 bytes (256 bits)")
+    return text
+
+
+def _file(text: str) -> str:
+    path = os.path.expanduser(text.strip())
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise ValueError("expected the path of a readable file")
+    return path
+
+
+def _file_or_https(text: str) -> str:
+    if "://" in text:
+        parts = urlsplit(text.strip())
+        if parts.scheme != "https" or not parts.hostname:
+            raise ValueError("expected a file path or an https:// URL (keys fetched over plain http "
+                             "could be swapped on the way)")
+        return text.strip()
+    return _file(text)
+
+
+def _optional_text(text: str) -> str:
+    return text.strip()
 
 
 def _nats_urls(text: str) -> str:
@@ -143,8 +185,8 @@ def _log_level(text: str) -> str:
     return _choice("debug", "info", "warning", "error", "critical")(text).upper()
 
 
-def opt(default: Any, env: str, parse: Callable[[str], Any], help: str) -> Any:
-    return field(default=default, metadata={"env": env, "parse": parse, "help": help})
+def opt(default: Any, env: str, parse: Callable[[str], Any], help: str, secret: bool = False) -> Any:
+    return field(default=default, metadata={"env": env, "parse": parse, "help": help, "secret": secret})
 
 
 @dataclass(frozen=True)
@@ -199,18 +241,49 @@ class Config:
         "tokens clients must present (Bearer header, ?token= or "
         "bridge_token cookie), comma-separated; empty: no auth",
     )
+    jwt_secret: str = opt(
+        "", "JWT_SECRET", _secret,
+        "HMAC key for HS256/384/512 connection tokens (at least 32 bytes); any JWT_* key set "
+        "means every connection needs a valid JWT", secret=True,
+    )
+    jwt_public_key: str = opt(
+        "", "JWT_PUBLIC_KEY", _file,
+        "path of a PEM public key (RSA: RS/PS*, EC: ES*, Ed25519/Ed448: EdDSA) for connection tokens",
+    )
+    jwt_jwks: str = opt(
+        "", "JWT_JWKS", _file_or_https,
+        "path of a JWKS file, or an https URL fetched at start and refreshed; the token's kid picks the key",
+    )
+    jwt_jwks_refresh: float = opt(
+        300.0, "JWT_JWKS_REFRESH", _positive_seconds,
+        "seconds between re-reads of JWT_JWKS (a token with an unknown kid also triggers one)",
+    )
+    jwt_audience: str = opt("", "JWT_AUDIENCE", _optional_text, "required aud of connection tokens")
+    jwt_issuer: str = opt("", "JWT_ISSUER", _optional_text, "required iss of connection tokens")
+    jwt_leeway: float = opt(0.0, "JWT_LEEWAY", _seconds, "seconds of clock skew allowed for exp and nbf")
+    jwt_refresh_lead: float = opt(
+        30.0, "JWT_REFRESH_LEAD", _seconds,
+        "seconds before a token's exp that the client is sent token_expiring",
+    )
+    control_tokens: tuple[str, ...] = opt(
+        (), "CONTROL_TOKENS", _list,
+        "backend credentials for the control API (Bearer), comma-separated; required for it "
+        "when AUTH_TOKENS or JWT is set", secret=True,
+    )
     max_connections: int = opt(
         10_000, "MAX_CONNECTIONS", _count, "open WebSockets per process; more are refused with HTTP 503"
     )
     # What they may do
     subject_allow: tuple[str, ...] = opt(
-        (">",), "SUBJECT_ALLOW", _patterns, "subject patterns clients may subscribe to"
+        (">",), "SUBJECT_ALLOW", _template_patterns,
+        "subject patterns clients may subscribe within; {sub} stands for the token's sub",
     )
     subject_deny: tuple[str, ...] = opt(
         DEFAULT_DENY, "SUBJECT_DENY", _patterns, "subject patterns never forwarded, even through wildcards"
     )
     publish_allow: tuple[str, ...] = opt(
-        (), "PUBLISH_ALLOW", _patterns, "subject patterns clients may publish to; empty: publish off"
+        (), "PUBLISH_ALLOW", _template_patterns,
+        "subject patterns clients may publish to ({sub}: the token's sub); empty: publish off",
     )
     max_publish_bytes: int = opt(
         64 * 1024, "MAX_PUBLISH_BYTES", _count, "largest payload a client may publish"
@@ -262,6 +335,10 @@ class Config:
     log_format: str = opt("text", "LOG_FORMAT", _choice("text", "json"), "text or json (one object a line)")
 
     @property
+    def jwt_enabled(self) -> bool:
+        return bool(self.jwt_secret or self.jwt_public_key or self.jwt_jwks)
+
+    @property
     def nats_servers(self) -> list[str]:
         return self.nats_url.split(",")
 
@@ -297,6 +374,8 @@ def shown(value: Any) -> str:
     """A default as a person would type it."""
     if isinstance(value, tuple):
         return ",".join(value) or "(empty)"
+    if value == "":
+        return "(empty)"
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
@@ -336,8 +415,21 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
         try:
             values[f.name] = f.metadata["parse"](raw)
         except ValueError as exc:
-            raise ConfigError(f"{source}={raw!r}: {exc}") from None
-    return Config(**values)
+            shown_raw = "(hidden)" if f.metadata["secret"] else repr(raw)
+            raise ConfigError(f"{source}={shown_raw}: {exc}") from None
+    config = Config(**values)
+    check_together(config)
+    return config
+
+
+def check_together(config: Config) -> None:
+    """Settings that are fine alone but not together."""
+    if config.auth_tokens and config.jwt_enabled:
+        raise ConfigError("AUTH_TOKENS and JWT_* cannot both be set: with JWT every connection is a user; "
+                          "give backends CONTROL_TOKENS instead")
+    if (config.jwt_audience or config.jwt_issuer) and not config.jwt_enabled:
+        raise ConfigError("JWT_AUDIENCE/JWT_ISSUER need a key to check tokens with: "
+                          "set JWT_SECRET, JWT_PUBLIC_KEY or JWT_JWKS")
 
 
 def settings_table() -> str:

@@ -25,11 +25,25 @@ from aiohttp import web
 from config import OVERFLOW_DROP_OLDEST, Limits
 from frames import CLOSE_INTERNAL_ERROR, CLOSE_TRY_AGAIN_LATER, close_frame, dropped_frame, json_frame
 from metrics import Stats
+from permissions import Permissions
+from tokens import Identity
 
 logger = logging.getLogger(__name__)
 
 # Most bytes one write of a catching-up client's queue takes at once.
 WRITE_BATCH_BYTES = 256 * 1024
+
+
+class Held:
+    """How a client holds one pattern: its own denied subjects to filter out, and who asked."""
+
+    __slots__ = ("by_backend", "filters")
+
+    def __init__(self, filters: tuple[str, ...], by_backend: bool) -> None:
+        # The user's own denied patterns this one can reach (checked per message).
+        self.filters = filters
+        # Asked by a trusted backend: the user's claims do not bind it.
+        self.by_backend = by_backend
 
 
 class Flusher:
@@ -85,21 +99,27 @@ class Client:
     __slots__ = (
         "_closer", "_closing", "_flusher", "_limits", "_pending", "_protocol", "_queue", "_queued_bytes",
         "_stats", "_stream", "_strikes", "_strikes_at", "_tokens", "_tokens_at", "_transport",
-        "_unreported_drops", "_writer", "close_code", "dropped", "id", "opened", "peer", "sent",
-        "subjects", "ws",
+        "_unreported_drops", "_writer", "close_code", "dropped", "id", "opened", "peer", "perms", "sent",
+        "subjects", "timers", "user", "ws",
     )
 
     def __init__(
-        self, request: web.Request, ws: web.WebSocketResponse, limits: Limits, stats: Stats, flusher: Flusher
+        self, request: web.Request, ws: web.WebSocketResponse, limits: Limits, stats: Stats, flusher: Flusher,
+        user: Identity | None, perms: Permissions,
     ) -> None:
         # 128 bits from the CSPRNG: the id doubles as the capability that lets a
         # backend subscribe this client over HTTP, so it must not be guessable.
         self.id = secrets.token_urlsafe(16)
         self.ws = ws
         self.peer = request.remote or "?"
+        # Who the token says this is (None: anonymous) and what they may do.
+        self.user = user
+        self.perms = perms
+        # The token's expiry warnings and deadline (handler.py arms them).
+        self.timers: list[asyncio.TimerHandle] = []
         # The patterns this client holds, oldest first (the order decides which
         # of two overlapping patterns delivers a message; see handler.Topic).
-        self.subjects: dict[str, None] = {}
+        self.subjects: dict[str, Held] = {}
         self.opened = time.monotonic()
         self.sent = 0
         self.dropped = 0

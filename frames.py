@@ -26,6 +26,9 @@ CLOSE_GOING_AWAY = int(WSCloseCode.GOING_AWAY)  # 1001: server shutting down
 CLOSE_POLICY_VIOLATION = int(WSCloseCode.POLICY_VIOLATION)  # 1008: kept flooding
 CLOSE_TRY_AGAIN_LATER = int(WSCloseCode.TRY_AGAIN_LATER)  # 1013: slow consumer
 CLOSE_INTERNAL_ERROR = int(WSCloseCode.INTERNAL_ERROR)  # 1011
+# Application codes (4000-4999, RFC 6455 7.4.2).
+CLOSE_TOKEN_EXPIRED = 4001  # the token's exp passed without a refresh
+CLOSE_DISCONNECTED = 4003  # a backend disconnected this connection (control API)
 
 # The example's exact strings are part of the wire protocol.
 MSG_CONNECTED = "Successfully connected"

@@ -12,6 +12,11 @@ is turned into its frame once, in the subscription's callback, and the same
 bytes go to each interested client's bounded outbound queue (connection.py).
 A client holding overlapping patterns (``a.*`` and ``a.b``) gets each message
 once: the oldest of its patterns that matches delivers it.
+
+The story of a user (JWT on): the token's ``sub`` and ``nats`` claim decide
+what the connection may do (permissions.py); before ``exp`` the client is told
+``token_expiring`` and may send a fresh token (``refresh``); at ``exp`` without
+one it is closed with 4001.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -29,9 +35,10 @@ from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 
 from config import Limits
-from connection import Client, Flusher
+from connection import Client, Flusher, Held
 from frames import (
     CLOSE_POLICY_VIOLATION,
+    CLOSE_TOKEN_EXPIRED,
     MSG_CONNECTED,
     MSG_SUBJECTS_REQUIRED,
     PROTOCOL_VERSION,
@@ -50,54 +57,63 @@ from frames import (
     text_frame,
 )
 from metrics import Stats
-from subjects import SubjectPolicy, patterns_overlap, subject_error, subject_matches
+from permissions import SubjectPolicy
+from subjects import patterns_overlap, subject_error, subject_matches
+from tokens import Identity, TokenError
 
 logger = logging.getLogger(__name__)
+
+
+# How a client that needs a per-message check holds a pattern: the older
+# overlapping patterns it also holds (each with its own filters), and its own
+# filters for this one.
+Check = tuple[tuple[tuple[str, tuple[str, ...]], ...], tuple[str, ...]]
 
 
 class Topic:
     """One NATS subscription and the clients that share it."""
 
-    __slots__ = ("clients", "filtered", "pattern", "shadowed", "sub")
+    __slots__ = ("checked", "clients", "filtered", "pattern", "sub")
 
     def __init__(self, pattern: str, filtered: bool) -> None:
         self.pattern = pattern
         # Clients that get every message of this subscription.
         self.clients: set[Client] = set()
-        # Clients that also hold older patterns overlapping this one: each gets
-        # a message here only if none of those (which deliver it themselves)
-        # matches its subject.  Clients without overlaps never pay for the check.
-        self.shadowed: dict[Client, tuple[str, ...]] = {}
+        # Clients that get a message only after a check: one of their older
+        # overlapping patterns delivers it instead (each message once), or it
+        # is on a subject their token denies.  Clients with neither never pay.
+        self.checked: dict[Client, Check] = {}
         self.sub: Subscription | None = None
-        # True when the pattern can match denied subjects (e.g. ">"), so each
-        # message's subject is checked before it is forwarded.
+        # True when the pattern can match subjects the server denies (e.g. ">"),
+        # so each message's subject is checked before it is forwarded.
         self.filtered = filtered
 
     @property
     def held(self) -> bool:
-        return bool(self.clients or self.shadowed)
+        return bool(self.clients or self.checked)
 
-    def add(self, client: Client, older: tuple[str, ...]) -> None:
-        if older:
-            self.shadowed[client] = older
+    def place(self, client: Client, check: Check) -> None:
+        if check[0] or check[1]:
+            self.clients.discard(client)
+            self.checked[client] = check
         else:
+            self.checked.pop(client, None)
             self.clients.add(client)
 
     def discard(self, client: Client) -> None:
         self.clients.discard(client)
-        self.shadowed.pop(client, None)
+        self.checked.pop(client, None)
 
-    def unshadow(self, client: Client, gone: str) -> None:
-        """``client`` no longer holds the older pattern ``gone``."""
-        older = self.shadowed.get(client)
-        if older is None or gone not in older:
-            return
-        rest = tuple(p for p in older if p != gone)
-        if rest:
-            self.shadowed[client] = rest
-        else:
-            del self.shadowed[client]
-            self.clients.add(client)
+
+def _delivers(check: Check, subject: str) -> bool:
+    """Does a checked client get a message on ``subject`` through this pattern?"""
+    older, filters = check
+    if any(subject_matches(f, subject) for f in filters):
+        return False  # the user's token denies it
+    # An older pattern that matches (and does not filter it) delivers it instead.
+    return not any(
+        subject_matches(p, subject) and not any(subject_matches(f, subject) for f in pf) for p, pf in older
+    )
 
 
 class WSSManager:
@@ -109,6 +125,8 @@ class WSSManager:
         limits: Limits | None = None,
         policy: SubjectPolicy | None = None,
         max_connections: int = 10_000,
+        verifier: Callable[[], Any] = lambda: None,
+        refresh_lead: float = 30.0,
     ) -> None:
         # A callable, not the client itself: the NATS connection is made in the
         # app's startup hook, after the manager exists.
@@ -117,7 +135,12 @@ class WSSManager:
         self.policy = policy or SubjectPolicy()
         self.stats = Stats()
         self.clients: dict[str, Client] = {}
+        # Every connection of each user (JWT on), for the user-level control API.
+        self.users: defaultdict[str, set[Client]] = defaultdict(set)
         self.topics: dict[str, Topic] = {}
+        # The current tokens.Verifier (None: no JWT); a callable, since a JWKS refresh swaps it.
+        self._verifier = verifier
+        self._refresh_lead = refresh_lead
         self._slots = asyncio.Semaphore(max_connections)
         # Serialises changes to ``topics`` so that two clients asking for the same
         # new pattern at once cannot create two NATS subscriptions.
@@ -135,7 +158,7 @@ class WSSManager:
 
     # -- one connection, start to end ----------------------------------------
 
-    async def serve(self, request: web.Request) -> web.WebSocketResponse:
+    async def serve(self, request: web.Request, user: Identity | None = None) -> web.WebSocketResponse:
         """One WebSocket client: register, read control frames, always unregister."""
         async with self._slots:
             limits = self.limits
@@ -150,8 +173,8 @@ class WSSManager:
             # aiohttp fixes the pong timeout at half the ping interval; ours is a setting.
             ws._pong_heartbeat = limits.pong_timeout
             await ws.prepare(request)
-            client = self.register(request, ws)
-            logger.info("connection %s opened from %s", client.id, client.peer)
+            client = self.register(request, ws, user)
+            logger.info("connection %s opened from %s%s", client.id, client.peer, _as_user(client))
             try:
                 async for msg in ws:
                     if msg.type is WSMsgType.TEXT:
@@ -167,35 +190,81 @@ class WSSManager:
             finally:
                 await self.unregister(client)
                 logger.info(
-                    "connection %s closed: peer %s, code %s, %d frames sent, %d dropped, %.1f s",
-                    client.id, client.peer, client.close_code or ws.close_code, client.sent,
+                    "connection %s closed: peer %s%s, code %s, %d frames sent, %d dropped, %.1f s",
+                    client.id, client.peer, _as_user(client), client.close_code or ws.close_code, client.sent,
                     client.dropped, time.monotonic() - client.opened,
                 )
             return ws
 
-    def register(self, request: web.Request, ws: web.WebSocketResponse) -> Client:
-        client = Client(request, ws, self.limits, self.stats, self._flusher)
+    def register(
+        self, request: web.Request, ws: web.WebSocketResponse, user: Identity | None = None
+    ) -> Client:
+        perms = self.policy.for_user(user.sub, user.claim) if user else self.policy.for_user()
+        client = Client(request, ws, self.limits, self.stats, self._flusher, user, perms)
         self.clients[client.id] = client
         self.stats.connections_opened += 1
         nc = self._nats()
-        client.send_json(
-            {
-                "success": True,
-                "data": MSG_CONNECTED,
-                "type": "welcome",
-                "connection_id": client.id,
-                "protocol": PROTOCOL_VERSION,
-                "nats": "connected" if nc is not None and nc.is_connected else "disconnected",
-                "publish": bool(self.policy.publish_allow),
-            }
-        )
+        welcome = {
+            "success": True,
+            "data": MSG_CONNECTED,
+            "type": "welcome",
+            "connection_id": client.id,
+            "protocol": PROTOCOL_VERSION,
+            "nats": "connected" if nc is not None and nc.is_connected else "disconnected",
+            "publish": bool(self.policy.publish_allow),
+        }
+        if user is not None:
+            welcome.update(user=user.sub, expires_at=user.expires_at)
+            self.users[user.sub].add(client)
+        client.send_json(welcome)
+        if user is not None:
+            self._arm_expiry(client)
         return client
 
     async def unregister(self, client: Client) -> None:
         """Release everything ``client`` held.  Safe to call more than once."""
         self.clients.pop(client.id, None)
+        self._disarm_expiry(client)
+        if client.user is not None:
+            mine = self.users.get(client.user.sub)
+            if mine is not None:
+                mine.discard(client)
+                if not mine:
+                    del self.users[client.user.sub]
         await self._remove(client, list(client.subjects))
         await client.stop_writer()
+
+    # -- the token's lifetime --------------------------------------------------
+
+    def _arm_expiry(self, client: Client) -> None:
+        """Warn ``JWT_REFRESH_LEAD`` seconds before the token's exp; close with 4001 at exp."""
+        self._disarm_expiry(client)
+        assert client.user is not None
+        loop = asyncio.get_running_loop()
+        left = client.user.expires_at - time.time()
+        client.timers = [
+            loop.call_later(max(0.0, left - self._refresh_lead), self._warn_expiry, client),
+            loop.call_later(max(0.0, left), self._expire, client),
+        ]
+
+    def _disarm_expiry(self, client: Client) -> None:
+        for timer in client.timers:
+            timer.cancel()
+        client.timers = []
+
+    def _warn_expiry(self, client: Client) -> None:
+        assert client.user is not None
+        expires_at = client.user.expires_at
+        client.send_json({
+            "type": "token_expiring", "expires_at": expires_at,
+            "message": f"The token expires in {max(0, round(expires_at - time.time()))} s; "
+                       'send {"action": "refresh", "token": "<a new token>"}',
+        })
+
+    def _expire(self, client: Client) -> None:
+        logger.info("connection %s%s: token expired; closing", client.id, _as_user(client))
+        self.stats.token_expiries += 1
+        client.close_soon(CLOSE_TOKEN_EXPIRED, "token expired", send_queued=True)
 
     async def close_all(self, code: int, reason: str, timeout: float | None = None) -> None:
         """Close every client at once; ``timeout`` bounds the wait for each one's answer."""
@@ -231,29 +300,36 @@ class WSSManager:
         self.stats.bad_frames["binary"] += 1
         client.send_json(reply(False, "Binary frames are not supported: send JSON as text"))
 
-    async def handle_request(self, client: Client, text: str | bytes) -> list[dict[str, Any]]:
-        """Parse and apply one control frame; shared by the WebSocket and HTTP paths."""
+    async def handle_request(
+        self, client: Client, text: str | bytes, by_backend: bool = False
+    ) -> list[dict[str, Any]]:
+        """Parse and apply one control frame; shared by the WebSocket and the control API."""
         request_id = None
         try:
             body = parse_object(text)
             request_id = echoable(body.get("id"))
-            return await self.apply(client, body, request_id)
+            return await self.apply(client, body, request_id, by_backend)
         except BadFrame as exc:
             self.stats.bad_frames[exc.kind] += 1
             return [reply(False, exc.message, request_id)]
 
     async def apply(
-        self, client: Client, body: dict[str, Any], request_id: Any = None
+        self, client: Client, body: dict[str, Any], request_id: Any = None, by_backend: bool = False
     ) -> list[dict[str, Any]]:
-        """Apply a parsed control object.  Raises BadFrame for anything the client got wrong."""
+        """Apply a parsed control object.  Raises BadFrame for anything the client got wrong.
+
+        ``by_backend``: asked through the control API, so the user's claims do not bind it.
+        """
         action = body.get("action", "subscribe")
         if action == "publish":
-            return [await self.publish(body, request_id)]
+            return [await self.publish(client, body, request_id, by_backend)]
+        if action == "refresh" and not by_backend:
+            return [await self.refresh(client, body, request_id)]
         if action not in ("subscribe", "unsubscribe"):
             raise BadFrame("action", msg_bad_action(action))
         subjects = self._subjects(body)
         if action == "subscribe":
-            return [await self.subscribe(client, subjects, request_id)]
+            return [await self.subscribe(client, subjects, request_id, by_backend)]
         return await self.unsubscribe(client, subjects, request_id)
 
     def _subjects(self, body: dict[str, Any]) -> list[str]:
@@ -274,10 +350,10 @@ class WSSManager:
         return list(dict.fromkeys(subjects))
 
     async def subscribe(
-        self, client: Client, subjects: list[str], request_id: Any = None
+        self, client: Client, subjects: list[str], request_id: Any = None, by_backend: bool = False
     ) -> dict[str, Any]:
         for subject in subjects:
-            refusal = self.policy.refusal(subject)
+            refusal = client.perms.subscribe_refusal(subject, trusted=by_backend)
             if refusal:
                 raise BadFrame("policy", refusal)
         wanted = [s for s in subjects if s not in client.subjects]
@@ -286,7 +362,7 @@ class WSSManager:
                 "limit", f"Subscription limit: at most {self.limits.max_subscriptions} per connection"
             )
         try:
-            await self._add(client, wanted)
+            await self._add(client, wanted, by_backend)
         except (TimeoutError, NatsError, OSError) as exc:
             # NATS refused or is down: tell the client, keep the connection.
             logger.warning("subscribe %s for client %s failed: %r", wanted, client.id, exc)
@@ -306,8 +382,10 @@ class WSSManager:
             for s in subjects
         ]
 
-    async def publish(self, body: dict[str, Any], request_id: Any = None) -> dict[str, Any]:
-        """Publish from the browser: only where the policy's publish patterns allow."""
+    async def publish(
+        self, client: Client, body: dict[str, Any], request_id: Any = None, by_backend: bool = False
+    ) -> dict[str, Any]:
+        """Publish from the browser: only where the server's and the user's publish permissions allow."""
         if not self.policy.publish_allow:
             # Said before anything else is checked: the rest of the frame is moot.
             raise BadFrame("policy", "Publishing is disabled on this bridge")
@@ -317,7 +395,7 @@ class WSSManager:
         error = subject_error(subject, self.limits.max_subject_length, wildcards=False)
         if error:
             raise BadFrame("subject", error)
-        refusal = self.policy.publish_refusal(subject)
+        refusal = client.perms.publish_refusal(subject, trusted=by_backend)
         if refusal:
             raise BadFrame("policy", refusal)
         payload = publish_payload(body)
@@ -331,9 +409,48 @@ class WSSManager:
         self.stats.published += 1
         return reply(True, f"Published to {subject}", request_id, action="publish", subjects=[subject])
 
+    async def refresh(self, client: Client, body: dict[str, Any], request_id: Any = None) -> dict[str, Any]:
+        """A fresh token on the open socket: same user, new expiry and permissions.
+
+        Subscriptions the new token no longer allows are dropped and named in
+        the reply.  Another user's token, or one that fails any check, is
+        refused and the connection keeps its old expiry.
+        """
+        verifier = self._verifier()
+        if verifier is None or client.user is None:
+            raise BadFrame("refresh", "This bridge does not use tokens: there is nothing to refresh")
+        token = body.get("token")
+        if not isinstance(token, str):
+            raise BadFrame("refresh", "refresh needs a string 'token'")
+        try:
+            user = verifier.verify(token)
+        except TokenError as exc:
+            self.stats.token_refreshes["refused"] += 1
+            return reply(False, f"Token refused: {exc.message}", request_id, action="refresh")
+        if user.sub != client.user.sub:
+            self.stats.token_refreshes["refused"] += 1
+            return reply(False, "Token refused: it is for another user (sub); reconnect to change users",
+                         request_id, action="refresh")
+        client.user = user
+        client.perms = self.policy.for_user(user.sub, user.claim)
+        self._arm_expiry(client)
+        revoked = [p for p, held in client.subjects.items()
+                   if not held.by_backend and client.perms.subscribe_refusal(p)]
+        for held_pattern, held in client.subjects.items():
+            if not held.by_backend:
+                held.filters = client.perms.filters(held_pattern)
+        await self._remove(client, revoked)
+        self._recheck(client)
+        self.stats.token_refreshes["ok"] += 1
+        logger.info("connection %s%s: token refreshed, expires at %d%s", client.id, _as_user(client),
+                    user.expires_at, f"; dropped {revoked}" if revoked else "")
+        message = "Token refreshed" + (f"; unsubscribed from {', '.join(revoked)}" if revoked else "")
+        return reply(True, message, request_id, action="refresh", expires_at=user.expires_at,
+                     unsubscribed=revoked)
+
     # -- shared NATS subscriptions -------------------------------------------
 
-    async def _add(self, client: Client, patterns: Iterable[str]) -> None:
+    async def _add(self, client: Client, patterns: Iterable[str], by_backend: bool = False) -> None:
         patterns = list(patterns)
         async with self._lock:
             created: list[Topic] = []
@@ -346,11 +463,8 @@ class WSSManager:
                         self.topics[pattern] = topic
                         created.append(topic)
                         logger.debug("NATS subscription created for %s", pattern)
-                    # The client's older patterns keep delivering what they already
-                    # match, so adding a pattern can never lose or double a message.
-                    older = tuple(p for p in client.subjects if patterns_overlap(p, pattern))
-                    topic.add(client, older)
-                    client.subjects[pattern] = None
+                    client.subjects[pattern] = Held(client.perms.filters(pattern, by_backend), by_backend)
+                    topic.place(client, self._check(client, pattern))
                 if created:
                     await self._confirm_subscriptions()
             except BaseException:
@@ -378,6 +492,23 @@ class WSSManager:
             # confirmation is missing, which is not the client's error.
             logger.warning("NATS did not confirm new subscriptions: %r", exc)
 
+    def _check(self, client: Client, pattern: str) -> Check:
+        """How ``client`` holds ``pattern`` now.  The client's older patterns keep
+        delivering what they match, so adding a pattern never loses or doubles a message."""
+        older = []
+        for other, held in client.subjects.items():
+            if other == pattern:
+                break
+            if patterns_overlap(other, pattern):
+                older.append((other, held.filters))
+        return tuple(older), client.subjects[pattern].filters
+
+    def _recheck(self, client: Client) -> None:
+        for pattern in client.subjects:
+            topic = self.topics.get(pattern)
+            if topic is not None:
+                topic.place(client, self._check(client, pattern))
+
     def _detach(self, client: Client, patterns: list[str]) -> list[Topic]:
         """Stop delivering ``patterns`` to ``client``; returns the topics nobody holds now."""
         empty: list[Topic] = []
@@ -389,12 +520,9 @@ class WSSManager:
             topic.discard(client)
             if not topic.held:
                 empty.append(topic)
-        # Newer overlapping patterns now deliver what the removed ones did.
-        for pattern in patterns:
-            for other in client.subjects:
-                topic = self.topics.get(other)
-                if topic is not None:
-                    topic.unshadow(client, pattern)
+        if patterns and client.subjects:
+            # Newer overlapping patterns now deliver what the removed ones did.
+            self._recheck(client)
         return empty
 
     async def _remove(self, client: Client, patterns: list[str]) -> None:
@@ -437,9 +565,14 @@ class WSSManager:
             frame = text_frame(encode_nats_message(msg))
             for client in topic.clients:
                 client.send(frame)
-            if topic.shadowed:
-                for client, older in topic.shadowed.items():
-                    if not any(subject_matches(p, subject) for p in older):
+            if topic.checked:
+                for client, check in topic.checked.items():
+                    if _delivers(check, subject):
                         client.send(frame)
 
         return on_message
+
+
+def _as_user(client: Client) -> str:
+    """" (user alice)" for a log line, or nothing for an anonymous connection."""
+    return f" (user {client.user.sub})" if client.user is not None else ""

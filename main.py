@@ -26,12 +26,13 @@ import control
 import metrics
 import panini_workarounds
 import routes
-from app_state import CONFIG, LINK, MANAGER, PANINI, REGISTRY
-from config import TEST_SUBJECT, Config, ConfigError, load_config
+from app_state import CONFIG, KEYS, LINK, MANAGER, PANINI, REGISTRY
+from config import TEST_SUBJECT, Config, ConfigError, StartupError, load_config
 from frames import CLOSE_GOING_AWAY
 from handler import WSSManager
+from keys import KeyStore
 from logs import configure_logging
-from nats_link import StartupError, nats_link
+from nats_link import nats_link
 
 logger = logging.getLogger("bridge")
 
@@ -44,9 +45,12 @@ def create_app(config: Config) -> panini_app.App:
     app = panini_workarounds.make_app(config.service_name, config.nats_servers, config.nats_reconnect_wait)
     web_app = web.Application(client_max_size=config.max_frame_bytes)
     app.setup_web_server(host=config.http_host, port=config.http_port, web_app=web_app)
+    keys = KeyStore(config)
     manager = WSSManager(lambda: panini_workarounds.nats_client(app), config.limits, config.policy,
-                         config.max_connections)
+                         config.max_connections, verifier=lambda: keys.verifier,
+                         refresh_lead=config.jwt_refresh_lead)
     web_app[CONFIG] = config
+    web_app[KEYS] = keys
     web_app[PANINI] = app
     web_app[MANAGER] = manager
     web_app[LINK] = metrics.LinkStats()
@@ -55,6 +59,9 @@ def create_app(config: Config) -> panini_app.App:
     app.http.get("/")(routes.index)
     app.http.get("/stream")(routes.stream)
     app.http.post("/clients/{connection_id}")(control.post_client)
+    app.http.delete("/clients/{connection_id}")(control.delete_client)
+    app.http.post("/users/{sub}")(control.post_user)
+    app.http.delete("/users/{sub}")(control.delete_user)
     app.http.get("/healthz")(routes.healthz)
     app.http.get("/readyz")(routes.readyz)
     app.http.get("/metrics")(routes.metrics_endpoint)
@@ -64,6 +71,7 @@ def create_app(config: Config) -> panini_app.App:
     if config.test_publish_interval > 0:
         register_test_publisher(app, config.test_publish_interval)
 
+    web_app.cleanup_ctx.append(keys.lifecycle)  # a bad key fails the start before NATS is tried
     web_app.cleanup_ctx.append(nats_link)  # first in, last out: NATS outlives the tasks
     web_app.cleanup_ctx.append(panini_tasks)
     web_app.on_shutdown.append(close_websockets)

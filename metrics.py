@@ -34,6 +34,8 @@ class Stats:
     rate_limit_disconnects: int = 0
     published: int = 0
     connections_opened: int = 0
+    token_expiries: int = 0
+    token_refreshes: Counter[str] = field(default_factory=Counter)
     bad_frames: Counter[str] = field(default_factory=Counter)
 
 
@@ -93,6 +95,15 @@ class BridgeCollector:
         yield counter("nats_reconnects", "Times the NATS link came back.", link.nats_reconnects)
         yield counter("nats_disconnects", "Times the NATS link was lost.", link.nats_disconnects)
 
+        yield counter("token_expiries", "Connections closed with 4001: the token expired unrefreshed.",
+                      s.token_expiries)
+        refreshes = CounterMetricFamily(
+            "bridge_token_refreshes", "Token refreshes on open connections, by result.", labels=["result"]
+        )
+        for result in ("ok", "refused"):
+            refreshes.add_metric([result], s.token_refreshes[result])
+        yield refreshes
+
         bad = CounterMetricFamily(
             "bridge_bad_frames", "Control frames answered with an error, by kind.", labels=["kind"]
         )
@@ -100,7 +111,9 @@ class BridgeCollector:
             bad.add_metric([kind], n)
         yield bad
         refused = CounterMetricFamily(
-            "bridge_handshake_refusals", "WebSocket upgrades refused, by reason.", labels=["reason"]
+            "bridge_handshake_refusals",
+            "Requests refused before the upgrade (or at the control API), by reason.",
+            labels=["reason"],
         )
         for reason, n in sorted(link.refusals.items()):
             refused.add_metric([reason], n)

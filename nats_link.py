@@ -21,6 +21,7 @@ from nats.errors import Error as NatsError
 
 import panini_workarounds
 from app_state import CONFIG, LINK, MANAGER, PANINI
+from config import StartupError
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +30,6 @@ logger = logging.getLogger(__name__)
 # healthy, and waiting longer only delays the exit.
 DRAIN_TIMEOUT = 1.5
 CLOSE_TIMEOUT = 1.0
-
-
-class StartupError(RuntimeError):
-    """The service cannot start; the message is the one line the operator sees."""
 
 
 async def nats_link(web_app: web.Application) -> AsyncIterator[None]:

@@ -8,7 +8,7 @@ from aiohttp import web
 
 import metrics
 import panini_workarounds
-from access import check_token, origin_allowed, refuse
+from access import Refused, identify, origin_allowed, refuse, refused
 from app_state import CONFIG, LINK, MANAGER, PANINI, REGISTRY
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -23,12 +23,13 @@ async def stream(request: web.Request) -> web.StreamResponse:
     config, manager, link = request.app[CONFIG], request.app[MANAGER], request.app[LINK]
     if not origin_allowed(request.headers.get("Origin"), request.host, config.allowed_origins):
         return refuse(request, link.refusals, "origin", 403, "Forbidden: this Origin may not connect")
-    denied = check_token(request)
-    if denied:
-        return denied
+    try:
+        user = identify(request)
+    except Refused as exc:
+        return refused(request, exc)
     if manager.full:
         return refuse(request, link.refusals, "capacity", 503, "Too many connections; try again later")
-    return await manager.serve(request)
+    return await manager.serve(request, user)
 
 
 def nats_connected(web_app: web.Application) -> bool:

@@ -1,13 +1,12 @@
-"""NATS subject grammar, wildcard matching and the subject policy: pure functions, no I/O.
+"""NATS subject grammar and wildcard matching: pure functions, no I/O.
 
-Everything the bridge decides about a subject (is it valid, does a pattern match
-it, may a browser follow or publish to it) is decided here, so it can be tested
-directly and checked against nats-server's own behaviour (tests/test_policy.py).
+Whether a subject is valid, whether a pattern matches it, whether one pattern
+lies within or overlaps another: decided here, tested directly and checked
+against nats-server's own behaviour (tests/test_policy.py).  Who may use which
+subjects is permissions.py.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 
 def subject_error(subject: str, max_length: int, wildcards: bool = True) -> str | None:
@@ -75,41 +74,3 @@ def patterns_overlap(a: str, b: str) -> bool:
         if p[i] != "*" and q[i] != "*" and p[i] != q[i]:
             return False
     return len(p) == len(q)
-
-
-DEFAULT_DENY = ("$SYS.>", "$JS.>", "$KV.>", "$O.>", "_INBOX.>")
-
-
-@dataclass(frozen=True)
-class SubjectPolicy:
-    """Which subjects browsers may follow and publish to."""
-
-    allow: tuple[str, ...] = (">",)
-    deny: tuple[str, ...] = DEFAULT_DENY
-    publish_allow: tuple[str, ...] = ()
-
-    def refusal(self, pattern: str) -> str | None:
-        """Why a subscription to ``pattern`` is refused, or None."""
-        if any(pattern_within(pattern, d) for d in self.deny):
-            return f"Subject {pattern!r} is not allowed: it only matches denied subjects"
-        if not any(patterns_overlap(pattern, a) for a in self.allow):
-            return f"Subject {pattern!r} is not allowed: it matches no allowed subject"
-        return None
-
-    def needs_filter(self, pattern: str) -> bool:
-        """Can ``pattern`` deliver a subject the policy forbids (so each must be checked)?"""
-        return any(patterns_overlap(pattern, d) for d in self.deny) or not any(
-            pattern_within(pattern, a) for a in self.allow
-        )
-
-    def permits(self, subject: str) -> bool:
-        return any(subject_matches(a, subject) for a in self.allow) and not any(
-            subject_matches(d, subject) for d in self.deny
-        )
-
-    def publish_refusal(self, subject: str) -> str | None:
-        if not self.publish_allow:
-            return "Publishing is disabled on this bridge"
-        if not any(subject_matches(p, subject) for p in self.publish_allow) or not self.permits(subject):
-            return f"Publishing to {subject!r} is not allowed"
-        return None

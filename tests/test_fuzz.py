@@ -3,8 +3,10 @@
 One campaign per test run (a module-scoped fixture): hypothesis generates
 batches of frames (random JSON shapes, unicode including lone surrogates, huge
 numbers, deep nesting, random bytes sent as text and as binary frames,
-near-valid control frames with random subjects and actions; each is sent as
-generated and again with one byte changed) and sends them to a bridge process
+near-valid control frames with random subjects and actions, ``refresh`` frames
+carrying random tokens: forged, expired, another user's, garbage, and validly
+signed ones with random ``nats`` permission claims; each is sent as generated
+and again with one byte changed) and sends them to a bridge process (JWT on)
 whose control-frame rate limit is set out of the way.  Every frame is followed
 by a sentinel frame whose reply carries a known id, so each frame's answer is
 the set of replies between two sentinel replies; a frame may instead end the
@@ -41,6 +43,7 @@ import pytest
 from conftest import TIMEOUT, BridgeProcess, NatsServer, spawn_bridge, wait_for_port
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from minting import SECRET, claims, hs256, tampered, unsigned
 
 # The campaign runs in the first test's setup: more than the default 120 s must be allowed.
 pytestmark = pytest.mark.timeout(300)
@@ -52,6 +55,7 @@ BATCH = (45, 60)  # pairs of frames per example: at least 12 600 frames in all
 TIME_BUDGET = 75.0  # seconds of fuzzing at most; the frame count is checked separately
 
 OK_CLOSES = {"oversize": {1009}, "invalid_utf8": {1007}}
+AUTH = {"Authorization": f"Bearer {hs256(claims('fuzzer', ttl=7200))}"}
 
 
 # ---------------------------------------------------------------------------
@@ -98,16 +102,43 @@ SUBJECTS = weighted(
     (1, st.sampled_from(["fuzz.pub.a", "fuzz.pub.b.c", ">", "*.>", "_INBOX.>", "$SYS.>", "a.*.b"])),
 )
 ACTIONS = weighted(
-    (8, st.sampled_from(["subscribe", "unsubscribe", "publish", "SUBSCRIBE", "sub", ""])),
+    (8, st.sampled_from(["subscribe", "unsubscribe", "publish", "refresh", "SUBSCRIBE", "sub", ""])),
     (1, TEXT),
     (1, JSON_VALUES),
 )
 IDS = st.one_of(st.integers(), HUGE_INTS, st.floats(), TEXT, st.booleans(), st.none(), JSON_VALUES)
 BASE64ISH = st.binary(max_size=64).map(lambda b: base64.b64encode(b).decode()) | TEXT
 
+# The fuzzer's own user: every connection it makes carries a token for it.
+USER = "fuzzer"
+LOGIN = hs256(claims(USER, ttl=7200))
+PATTERN_LISTS = st.lists(SUBJECTS, max_size=3)
+NATS_CLAIMS = weighted(
+    (3, st.fixed_dictionaries({}, optional={
+        "sub": st.fixed_dictionaries({}, optional={"allow": PATTERN_LISTS, "deny": PATTERN_LISTS}),
+        "pub": st.fixed_dictionaries({}, optional={"allow": PATTERN_LISTS, "deny": PATTERN_LISTS}),
+    })),
+    (1, JSON_VALUES),
+)
+FUZZ_TOKENS = weighted(
+    (4, NATS_CLAIMS.map(lambda claim: hs256(claims(USER, ttl=7200, nats=claim)))),
+    (1, st.just(LOGIN)),
+    (1, st.sampled_from([
+        hs256(claims("someone-else", ttl=7200)),
+        hs256(claims(USER, ttl=-60)),
+        hs256(claims(USER, ttl=7200), secret="a-different-secret-thirty-two-bytes!"),
+        unsigned(claims(USER, ttl=7200)),
+        tampered(LOGIN),
+        LOGIN + "x",
+    ])),
+    (1, TEXT),
+    (1, JSON_VALUES),
+)
+
 NEAR_VALID = st.fixed_dictionaries(
     {"action": ACTIONS},
     optional={
+        "token": FUZZ_TOKENS,
         "subjects": weighted((4, st.lists(SUBJECTS, max_size=5)), (1, JSON_VALUES)),
         "subject": SUBJECTS,
         "id": IDS,
@@ -202,6 +233,7 @@ class Record:
     closes: dict[int, int] = field(default_factory=dict)
     reconnects: int = 0
     anomalies: dict[str, tuple[int, str]] = field(default_factory=dict)  # kind -> (count, example)
+    refreshes: dict[bool, int] = field(default_factory=dict)  # refresh replies by success
     side_published: int = 0
     side_received: list[int] = field(default_factory=list)
     alive_during: bool = True
@@ -236,7 +268,7 @@ class Fuzzer:
             self.record.reconnects += 1
         if self.session is None:
             self.session = aiohttp.ClientSession()
-        self.ws = await asyncio.wait_for(self.session.ws_connect(self.url), TIMEOUT)
+        self.ws = await asyncio.wait_for(self.session.ws_connect(self.url, headers=AUTH), TIMEOUT)
         welcome = await asyncio.wait_for(self.ws.receive(), TIMEOUT)
         assert welcome.type is aiohttp.WSMsgType.TEXT, welcome
         return self.ws
@@ -321,6 +353,9 @@ class Fuzzer:
                     record.anomaly("reply without boolean success and string message", frame)
                 answers += 1
                 record.replies += 1
+                if reply.get("action") == "refresh":
+                    ok = reply.get("success") is True
+                    record.refreshes[ok] = record.refreshes.get(ok, 0) + 1
                 continue
             record.frames += 1
             if msg.type is aiohttp.WSMsgType.CLOSE:
@@ -350,7 +385,7 @@ async def side_stream(url: str, nats_url: str, record: Record, stop: asyncio.Eve
     """A healthy client following a numbered stream published the whole time."""
     subject = f"fuzzside.{uuid.uuid4().hex[:12]}"
     async with aiohttp.ClientSession() as session:
-        ws = await asyncio.wait_for(session.ws_connect(url), TIMEOUT)
+        ws = await asyncio.wait_for(session.ws_connect(url, headers=AUTH), TIMEOUT)
         await asyncio.wait_for(ws.receive(), TIMEOUT)
         await ws.send_str(json.dumps({"action": "subscribe", "subjects": [subject], "id": "side"}))
         while True:
@@ -435,7 +470,7 @@ async def campaign(nats_url: str, bp: BridgeProcess, record: Record) -> None:
         await asyncio.wait_for(side, 60)
     record.healthz_after = await http_status(bp.http_url + "/healthz")
     async with aiohttp.ClientSession() as session:
-        ws = await asyncio.wait_for(session.ws_connect(ws_url), TIMEOUT)
+        ws = await asyncio.wait_for(session.ws_connect(ws_url, headers=AUTH), TIMEOUT)
         await asyncio.wait_for(ws.receive(), TIMEOUT)
         await ws.send_str(json.dumps({"subjects": ["fuzz.after"], "id": 1}))
         reply = json.loads((await asyncio.wait_for(ws.receive(), TIMEOUT)).data)
@@ -451,6 +486,7 @@ def fuzz_record(nats_server: NatsServer) -> Iterator[Record]:
         "CONTROL_RATE": "1000000",
         "MAX_FRAME_BYTES": str(FRAME_LIMIT),
         "PUBLISH_ALLOW": "fuzz.pub.>",
+        "JWT_SECRET": SECRET,
         "TEST_PUBLISH_INTERVAL": "0",
         "LOG_LEVEL": "WARNING",
         "SERVICE_NAME": f"fuzz_{uuid.uuid4().hex[:8]}",
@@ -469,7 +505,7 @@ def fuzz_record(nats_server: NatsServer) -> Iterator[Record]:
 
 def describe(record: Record) -> str:
     return (f"{record.frames} frames, {record.replies} replies, closes {record.closes}, "
-            f"{record.reconnects} reconnects, {record.elapsed:.1f} s")
+            f"{record.reconnects} reconnects, refreshes {record.refreshes}, {record.elapsed:.1f} s")
 
 
 # ---------------------------------------------------------------------------
@@ -484,6 +520,12 @@ def test_fuzz_campaign_sends_at_least_10000_frames(fuzz_record):
 def test_fuzz_every_frame_is_answered_by_a_reply_or_a_clean_close(fuzz_record):
     found = {kind: f"{count}x, e.g. {example}" for kind, (count, example) in fuzz_record.anomalies.items()}
     assert found == {}, describe(fuzz_record)
+
+
+def test_fuzz_refreshes_were_both_accepted_and_refused(fuzz_record):
+    assert fuzz_record.refreshes.get(True, 0) > 0 and fuzz_record.refreshes.get(False, 0) > 0, (
+        fuzz_record.refreshes
+    )
 
 
 def test_fuzz_bridge_process_stays_up(fuzz_record):

@@ -555,6 +555,7 @@ async def test_allowed_origins_wildcard(bridge_factory, nats_server, ws_factory,
 # ---------------------------------------------------------------------------
 
 TOKENS = ("s3cret-one", "s3cret-two")
+CONTROL = "backend-s3cret"
 
 
 async def auth_status(ws_factory: Any, url: str, **kwargs: Any) -> int:
@@ -567,7 +568,7 @@ async def auth_status(ws_factory: Any, url: str, **kwargs: Any) -> int:
 
 @pytest.fixture
 async def auth_bridge(bridge_factory, nats_server):
-    return await bridge_factory(nats_url=nats_server.url, auth_tokens=TOKENS)
+    return await bridge_factory(nats_url=nats_server.url, auth_tokens=TOKENS, control_tokens=(CONTROL,))
 
 
 async def test_auth_without_token_is_refused_with_401(auth_bridge, ws_factory):
@@ -613,16 +614,25 @@ async def test_auth_post_endpoint_without_token_is_refused_with_401(auth_bridge,
     assert not bridge_clients_subjects(auth_bridge)
 
 
-async def test_auth_post_endpoint_with_token_is_accepted(auth_bridge, ws_factory):
-    client = await ws_factory(auth_bridge.ws_url, headers={"Authorization": "Bearer s3cret-one"})
-    url = f"{auth_bridge.http_url}/clients/{client.connection_id}"
+async def post_subscribe_status(bridge: Any, client: Any, headers: dict[str, str]) -> int:
+    url = f"{bridge.http_url}/clients/{client.connection_id}"
     async with aiohttp.ClientSession() as session:
         body = {"action": "subscribe", "subjects": [unique()]}
-        headers = {"Authorization": "Bearer s3cret-two"}
         async with session.post(
             url, json=body, headers=headers, timeout=aiohttp.ClientTimeout(total=TIMEOUT)
         ) as resp:
-            assert resp.status == 200
+            return resp.status
+
+
+async def test_auth_post_endpoint_with_a_users_token_is_refused_with_403(auth_bridge, ws_factory):
+    client = await ws_factory(auth_bridge.ws_url, headers={"Authorization": "Bearer s3cret-one"})
+    assert await post_subscribe_status(auth_bridge, client, {"Authorization": "Bearer s3cret-two"}) == 403
+    assert not bridge_clients_subjects(auth_bridge)
+
+
+async def test_auth_post_endpoint_with_a_control_token_is_accepted(auth_bridge, ws_factory):
+    client = await ws_factory(auth_bridge.ws_url, headers={"Authorization": "Bearer s3cret-one"})
+    assert await post_subscribe_status(auth_bridge, client, {"Authorization": f"Bearer {CONTROL}"}) == 200
 
 
 def bridge_clients_subjects(bridge: Any) -> set[str]:

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 from conftest import TIMEOUT, publish
 
-from subjects import DEFAULT_DENY, SubjectPolicy, pattern_within, patterns_overlap, subject_matches
+from permissions import DEFAULT_DENY, SubjectPolicy
+from subjects import pattern_within, patterns_overlap, subject_matches
 
 # ---------------------------------------------------------------------------
 # A small universe: every pattern over tokens a, b, *, > (up to 3 tokens) and
@@ -180,12 +181,12 @@ def test_patterns_overlap_agrees_with_common_matched_subject_for_all_small_patte
 
 @pytest.mark.parametrize("pattern", ["_INBOX.>", "_INBOX.abc", "$SYS.>", "$JS.API.>", "$KV.b.k", "$O.x"])
 def test_default_policy_refuses_patterns_that_only_match_denied_subjects(pattern):
-    assert SubjectPolicy().refusal(pattern) is not None
+    assert SubjectPolicy().for_user().subscribe_refusal(pattern) is not None
 
 
 @pytest.mark.parametrize("pattern", [">", "*.>", "*", "a.b", "$JS", "*.API.>", "_x.*"])
 def test_default_policy_accepts_patterns_that_can_match_allowed_subjects(pattern):
-    assert SubjectPolicy().refusal(pattern) is None
+    assert SubjectPolicy().for_user().subscribe_refusal(pattern) is None
 
 
 def test_default_deny_list_is_the_documented_one():
@@ -208,20 +209,25 @@ def test_policy_filters_only_patterns_that_can_reach_denied_subjects(pattern, fi
 
 
 def test_allow_list_policy_refuses_pattern_outside_it():
-    assert "no allowed subject" in SubjectPolicy(allow=("chat.>",)).refusal("other.x")
+    refusal = SubjectPolicy(allow=("chat.>",)).for_user().subscribe_refusal("other.x")
+    assert "not within the subjects" in refusal
 
 
-def test_allow_list_policy_filters_broad_pattern_that_overlaps_it():
-    policy = SubjectPolicy(allow=("chat.>",))
-    assert policy.refusal(">") is None
-    assert policy.needs_filter(">") is True
-    assert policy.needs_filter("chat.*") is False
+@pytest.mark.parametrize("pattern", [">", "*.room", "chat", "*.>"])
+def test_allow_list_policy_refuses_broad_pattern_reaching_beyond_it(pattern):
+    # As nats-server checks a SUB: a pattern must lie within an allowed one.
+    assert SubjectPolicy(allow=("chat.>",)).for_user().subscribe_refusal(pattern) is not None
+
+
+@pytest.mark.parametrize("pattern", ["chat.>", "chat.*", "chat.room", "chat.*.x"])
+def test_allow_list_policy_accepts_patterns_within_it(pattern):
+    assert SubjectPolicy(allow=("chat.>",)).for_user().subscribe_refusal(pattern) is None
 
 
 def test_publish_policy_applies_deny_list_even_when_allowed():
-    policy = SubjectPolicy(publish_allow=(">",))
-    assert policy.publish_refusal("chat.room") is None
-    assert policy.publish_refusal("_INBOX.x") is not None
+    perms = SubjectPolicy(publish_allow=(">",)).for_user()
+    assert perms.publish_refusal("chat.room") is None
+    assert perms.publish_refusal("_INBOX.x") is not None
 
 
 # ---------------------------------------------------------------------------
@@ -291,17 +297,14 @@ async def test_bridge_with_allow_list_accepts_subject_inside_it(bridge_factory, 
     assert frame["success"] is True
 
 
-async def test_bridge_with_allow_list_never_forwards_outside_it_through_broad_pattern(
-    bridge_factory, nats_server, ws_factory, nc
+async def test_bridge_with_allow_list_refuses_broad_pattern_reaching_outside_it(
+    bridge_factory, nats_server, ws_factory
 ):
     bridge = await bridge_factory(nats_url=nats_server.url, subject_allow=("chat.>",))
     client = await ws_factory(bridge.ws_url)
-    await client.subscribe(">")
-    await asyncio.wait_for(bridge.app.nats.client.flush(), TIMEOUT)
-    tag = uuid.uuid4().hex[:8]
-    await publish(nc, f"other.{tag}", {"n": 1})
-    await publish(nc, f"chat.{tag}", {"n": 2})
-    assert await subjects_until(client, f"chat.{tag}") == [f"chat.{tag}"]
+    frame = await client.request({"action": "subscribe", "subjects": [">"]})
+    assert frame["success"] is False
+    assert "not within the subjects" in frame["message"]
 
 
 async def test_publish_is_refused_when_disabled(bridge, ws_factory):

@@ -278,9 +278,20 @@ def doc_examples(tag: str) -> list[Any]:
     return [json.loads(block) for block in blocks]
 
 
+def schema_frame_kinds() -> set[str]:
+    """Every frame kind the server schema defines: its ``type`` const, or "message"."""
+    schema = json.loads(SERVER_FRAME.read_text())
+    kinds = set()
+    for ref in schema["oneOf"]:
+        definition = schema["$defs"][ref["$ref"].rsplit("/", 1)[1]]
+        kinds.add(definition["properties"].get("type", {}).get("const", "message"))
+    return kinds
+
+
 def test_protocol_doc_has_examples_of_every_server_frame_kind() -> None:
     kinds = {frame.get("type", "message") for frame in doc_examples("server-frame")}
-    assert kinds == {"welcome", "reply", "status", "dropped", "message"}
+    assert kinds == schema_frame_kinds()
+    assert {"welcome", "reply", "status", "dropped", "message", "token_expiring"} <= kinds
 
 
 def test_protocol_doc_server_frame_examples_validate() -> None:
