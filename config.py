@@ -42,6 +42,7 @@ class Limits:
     max_frame_bytes: int = 64 * 1024
     ping_interval: float = 20.0
     pong_timeout: float = 10.0
+    max_history: int = 1000
 
 
 class ConfigError(ValueError):
@@ -157,6 +158,22 @@ def _file_or_https(text: str) -> str:
 
 def _optional_text(text: str) -> str:
     return text.strip()
+
+
+def _stream_spec(text: str) -> str:
+    """NAME:subject,subject (empty: none)."""
+    text = text.strip()
+    if not text:
+        return ""
+    name, _, subjects = text.partition(":")
+    expected = "expected NAME:subject,subject, e.g. DEMO:test.subject,demo.>"
+    if not name or any(c in name for c in ".*> \t/\\") or not _list(subjects):
+        raise ValueError(expected)
+    for subject in _list(subjects):
+        error = template_error(subject) if SUB_TEMPLATE not in subject else "templates are not allowed"
+        if error:
+            raise ValueError(f"{expected}; {error}")
+    return text
 
 
 def _nats_urls(text: str) -> str:
@@ -306,6 +323,23 @@ class Config:
         "control frames per second per client (burst of the same size); "
         "over it: error replies, then close 1008 if it goes on",
     )
+    # History (JetStream)
+    max_history: int = opt(
+        1000, "MAX_HISTORY", _count,
+        "most stored messages one subscribe's history may send; a resume needing more "
+        "answers recovered: false",
+    )
+    create_stream: str = opt(
+        "", "CREATE_STREAM", _stream_spec,
+        "NAME:subject,subject: create this JetStream stream at start if it does not exist "
+        "(make run: DEMO:test.subject,demo.>); empty: never create streams",
+    )
+    create_stream_max_msgs: int = opt(
+        10_000, "CREATE_STREAM_MAX_MSGS", _count, "messages the CREATE_STREAM stream keeps"
+    )
+    create_stream_max_age: float = opt(
+        3600.0, "CREATE_STREAM_MAX_AGE", _positive_seconds, "seconds the CREATE_STREAM stream keeps a message"
+    )
     # Slow clients
     client_queue_messages: int = opt(
         10_000, "CLIENT_QUEUE_MESSAGES", _count, "frames one client may have waiting to be sent"
@@ -357,6 +391,7 @@ class Config:
             max_frame_bytes=self.max_frame_bytes,
             ping_interval=self.ping_interval,
             pong_timeout=self.pong_timeout,
+            max_history=self.max_history,
         )
 
     @property

@@ -18,7 +18,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -26,6 +26,9 @@ from config import OVERFLOW_DROP_OLDEST, Limits
 from frames import CLOSE_INTERNAL_ERROR, CLOSE_TRY_AGAIN_LATER, close_frame, dropped_frame, json_frame
 from metrics import Stats
 from permissions import Permissions
+
+if TYPE_CHECKING:
+    from history import Plan
 from tokens import Identity
 
 logger = logging.getLogger(__name__)
@@ -99,8 +102,8 @@ class Client:
     __slots__ = (
         "_closer", "_closing", "_flusher", "_limits", "_pending", "_protocol", "_queue", "_queued_bytes",
         "_stats", "_stream", "_strikes", "_strikes_at", "_tokens", "_tokens_at", "_transport",
-        "_unreported_drops", "_writer", "close_code", "dropped", "id", "opened", "peer", "perms", "sent",
-        "subjects", "timers", "user", "ws",
+        "_unreported_drops", "_writer", "catch_ups", "close_code", "dropped", "id", "opened", "peer", "perms",
+        "sent", "subjects", "timers", "user", "ws",
     )
 
     def __init__(
@@ -117,6 +120,8 @@ class Client:
         self.perms = perms
         # The token's expiry warnings and deadline (handler.py arms them).
         self.timers: list[asyncio.TimerHandle] = []
+        # History planned by the request being answered, sent after its reply.
+        self.catch_ups: list[Plan] = []
         # The patterns this client holds, oldest first (the order decides which
         # of two overlapping patterns delivers a message; see handler.Topic).
         self.subjects: dict[str, Held] = {}

@@ -72,6 +72,7 @@ async def execute(manager: WSSManager, command: Command) -> Outcome:
         for frame in replies:
             # The client hears about it too, so its view of its subscriptions stays true.
             client.send_json({**frame, "source": "http"})
+        await manager.finish_catch_up(client)
         if command.target == "user":
             replies = [{**frame, "connection_id": client.id} for frame in replies]
         outcome.replies.extend(replies)

@@ -66,11 +66,14 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(name)
 
 
-def encode_nats_message(msg: Msg) -> bytes:
+def encode_nats_message(msg: Msg, seq: int | None = None, history: bool = False) -> bytes:
     """The UTF-8 JSON frame for one NATS message, built once and shared by all clients.
 
     A JSON payload is spliced in verbatim (after validation) rather than
     re-serialised: cheaper, and big integers or exact float spellings survive.
+    ``seq`` is the message's stream sequence when it came through JetStream
+    (whose reply subject is JetStream's own, not the publisher's: not forwarded);
+    ``history`` marks a stored message sent because the client asked for history.
     """
     head = '{"subject":' + json.dumps(msg.subject, ensure_ascii=False)
     payload = msg.data
@@ -88,7 +91,11 @@ def encode_nats_message(msg: Msg) -> bytes:
     extra = ""
     if msg.headers:
         extra += ',"headers":' + json.dumps(msg.headers, ensure_ascii=False)
-    if msg.reply:
+    if seq is not None:
+        extra += f',"seq":{seq:d}'
+        if history:
+            extra += ',"history":true'
+    elif msg.reply:
         extra += ',"reply":' + json.dumps(msg.reply, ensure_ascii=False)
     return (head + body + extra + "}").encode("utf-8")
 

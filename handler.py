@@ -13,6 +13,12 @@ bytes go to each interested client's bounded outbound queue (connection.py).
 A client holding overlapping patterns (``a.*`` and ``a.b``) gets each message
 once: the oldest of its patterns that matches delivers it.
 
+The story of a stored subject (JetStream): a pattern that a stream stores is
+followed through a ``LiveFeed`` (an ordered consumer), so its messages carry
+their stream sequence; a subscribe may ask for history (history.py), which is
+sent oldest first before the live messages held back meanwhile, with no gap
+and no duplicate between them.
+
 The story of a user (JWT on): the token's ``sub`` and ``nats`` claim decide
 what the connection may do (permissions.py); before ``exp`` the client is told
 ``token_expiring`` and may send a fresh token (``refresh``); at ``exp`` without
@@ -34,11 +40,13 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 
+import history
 from config import Limits
 from connection import Client, Flusher, Held
 from frames import (
     CLOSE_POLICY_VIOLATION,
     CLOSE_TOKEN_EXPIRED,
+    CLOSE_TRY_AGAIN_LATER,
     MSG_CONNECTED,
     MSG_SUBJECTS_REQUIRED,
     PROTOCOL_VERSION,
@@ -56,6 +64,8 @@ from frames import (
     reply,
     text_frame,
 )
+from history import HistoryError, Plan, parse_history
+from jetstream import JetStream, JetStreamError, LiveFeed, StreamInfo
 from metrics import Stats
 from permissions import SubjectPolicy
 from subjects import patterns_overlap, subject_error, subject_matches
@@ -70,10 +80,20 @@ logger = logging.getLogger(__name__)
 Check = tuple[tuple[tuple[str, tuple[str, ...]], ...], tuple[str, ...]]
 
 
-class Topic:
-    """One NATS subscription and the clients that share it."""
+class CatchUp:
+    """A client reading history on a topic: its live messages wait here, with their sequences."""
 
-    __slots__ = ("checked", "clients", "filtered", "pattern", "sub")
+    __slots__ = ("check", "held")
+
+    def __init__(self, check: Check) -> None:
+        self.check = check
+        self.held: list[tuple[int, str, bytes]] = []
+
+
+class Topic:
+    """One NATS subscription (or JetStream live feed) and the clients that share it."""
+
+    __slots__ = ("catching", "checked", "clients", "epoch", "feed", "filtered", "pattern", "sub")
 
     def __init__(self, pattern: str, filtered: bool) -> None:
         self.pattern = pattern
@@ -83,26 +103,51 @@ class Topic:
         # overlapping patterns delivers it instead (each message once), or it
         # is on a subject their token denies.  Clients with neither never pay.
         self.checked: dict[Client, Check] = {}
+        # Clients reading history: live messages are held for them until it is sent.
+        self.catching: dict[Client, CatchUp] = {}
+        # A core NATS subscription, or for a stored pattern a JetStream live feed.
         self.sub: Subscription | None = None
+        self.feed: LiveFeed | None = None
+        self.epoch = ""
         # True when the pattern can match subjects the server denies (e.g. ">"),
         # so each message's subject is checked before it is forwarded.
         self.filtered = filtered
 
     @property
     def held(self) -> bool:
-        return bool(self.clients or self.checked)
+        return bool(self.clients or self.checked or self.catching)
 
     def place(self, client: Client, check: Check) -> None:
-        if check[0] or check[1]:
+        catching = self.catching.get(client)
+        if catching is not None:
+            catching.check = check  # applies once its history is sent
+        elif check[0] or check[1]:
             self.clients.discard(client)
             self.checked[client] = check
         else:
             self.checked.pop(client, None)
             self.clients.add(client)
 
+    def hold(self, client: Client, check: Check) -> None:
+        """From now on, hold ``client``'s live messages back (it is about to read history)."""
+        self.clients.discard(client)
+        self.checked.pop(client, None)
+        self.catching[client] = CatchUp(check)
+
+    def release(self, client: Client, after_seq: int) -> None:
+        """Send what was held back, except what history already sent, and go live."""
+        catching = self.catching.pop(client, None)
+        if catching is None:
+            return
+        for seq, subject, frame in catching.held:
+            if seq > after_seq and _delivers(catching.check, subject):
+                client.send(frame)
+        self.place(client, catching.check)
+
     def discard(self, client: Client) -> None:
         self.clients.discard(client)
         self.checked.pop(client, None)
+        self.catching.pop(client, None)
 
 
 def _delivers(check: Check, subject: str) -> bool:
@@ -138,6 +183,7 @@ class WSSManager:
         # Every connection of each user (JWT on), for the user-level control API.
         self.users: defaultdict[str, set[Client]] = defaultdict(set)
         self.topics: dict[str, Topic] = {}
+        self.jetstream = JetStream(nats_client, timeout=self.limits.close_timeout)
         # The current tokens.Verifier (None: no JWT); a callable, since a JWKS refresh swaps it.
         self._verifier = verifier
         self._refresh_lead = refresh_lead
@@ -295,6 +341,7 @@ class WSSManager:
             return
         for frame in await self.handle_request(client, text):
             client.send_json(frame)
+        await self.finish_catch_up(client)
 
     def reject_binary(self, client: Client) -> None:
         self.stats.bad_frames["binary"] += 1
@@ -329,7 +376,7 @@ class WSSManager:
             raise BadFrame("action", msg_bad_action(action))
         subjects = self._subjects(body)
         if action == "subscribe":
-            return [await self.subscribe(client, subjects, request_id, by_backend)]
+            return [await self.subscribe(client, subjects, request_id, by_backend, body.get("history"))]
         return await self.unsubscribe(client, subjects, request_id)
 
     def _subjects(self, body: dict[str, Any]) -> list[str]:
@@ -350,25 +397,122 @@ class WSSManager:
         return list(dict.fromkeys(subjects))
 
     async def subscribe(
-        self, client: Client, subjects: list[str], request_id: Any = None, by_backend: bool = False
+        self, client: Client, subjects: list[str], request_id: Any = None, by_backend: bool = False,
+        history: Any = None,
     ) -> dict[str, Any]:
         for subject in subjects:
             refusal = client.perms.subscribe_refusal(subject, trusted=by_backend)
             if refusal:
                 raise BadFrame("policy", refusal)
+        spec, stored = None, {}
+        if history is not None:
+            # All or nothing: every subject must be stored before anything is subscribed.
+            try:
+                spec = parse_history(history, self.limits.max_history)
+            except HistoryError as exc:
+                raise BadFrame("history", str(exc)) from None
+            for subject in subjects:
+                stream = await self._stream_of(subject)
+                if stream is None:
+                    raise BadFrame("history", f"no stream stores {subject!r}: it has no history")
+                stored[subject] = stream
         wanted = [s for s in subjects if s not in client.subjects]
         if len(client.subjects) + len(wanted) > self.limits.max_subscriptions:
             raise BadFrame(
                 "limit", f"Subscription limit: at most {self.limits.max_subscriptions} per connection"
             )
         try:
-            await self._add(client, wanted, by_backend)
+            await self._add(client, wanted, by_backend, stored)
         except (TimeoutError, NatsError, OSError) as exc:
             # NATS refused or is down: tell the client, keep the connection.
             logger.warning("subscribe %s for client %s failed: %r", wanted, client.id, exc)
             return reply(False, f"Could not subscribe: {exc or type(exc).__name__}", request_id,
                          action="subscribe", subjects=subjects)
-        return reply(True, msg_subscribed(subjects), request_id, action="subscribe", subjects=subjects)
+        extra: dict[str, Any] = {}
+        if spec is not None:
+            try:
+                extra = await self._plan_history(client, subjects, spec)
+            except (HistoryError, JetStreamError) as exc:
+                await self._remove(client, wanted)
+                return reply(False, f"Could not read history: {exc}", request_id,
+                             action="subscribe", subjects=subjects)
+        else:
+            streams = {s: {"stream": t.feed.stream, "epoch": t.epoch} for s in subjects
+                       if (t := self.topics.get(s)) is not None and t.feed is not None}
+            if streams:
+                extra["streams"] = streams
+        return reply(True, msg_subscribed(subjects), request_id, action="subscribe", subjects=subjects,
+                     **extra)
+
+    async def _stream_of(self, subject: str) -> StreamInfo | None:
+        topic = self.topics.get(subject)
+        if topic is not None and topic.sub is not None:
+            # Followed through core NATS since before a stream stored it:
+            # live messages carry no sequence to join history to.
+            return None
+        return await self.jetstream.stream_storing(subject)
+
+    async def _plan_history(self, client: Client, subjects: list[str], spec: Any) -> dict[str, Any]:
+        """Hold the client's live messages back on each topic and plan its history.
+
+        Holding starts before the stream is asked anything, so every message
+        stored after the plan's last one is held; those the plan covers are
+        skipped by sequence when the held ones are released.
+        """
+        for subject in subjects:
+            self.topics[subject].hold(client, self._check(client, subject))
+        plans: list[Plan] = []
+        try:
+            for subject in subjects:
+                feed = self.topics[subject].feed
+                assert feed is not None
+                plans.append(await history.plan(self.jetstream, subject, feed.stream, spec,
+                                                 self.limits.max_history))
+        except BaseException:
+            for subject in subjects:
+                topic = self.topics.get(subject)
+                if topic is not None:
+                    topic.release(client, 0)
+            raise
+        client.catch_ups.extend(plans)
+        extra: dict[str, Any] = {"streams": {p.pattern: p.describe() for p in plans}}
+        if spec.mode == "after_seq":
+            extra["recovered"] = all(p.recovered for p in plans)
+            if len(plans) == 1 and not plans[0].recovered:
+                extra["first_seq"] = plans[0].stream.first_seq
+        return extra
+
+    async def finish_catch_up(self, client: Client) -> None:
+        """Send the history planned by the last request, then what was held back meanwhile.
+
+        Called once the request's reply is on its way, so the reply comes first.
+        Runs in the client's own task: other clients never wait for it.
+        """
+        while client.catch_ups:
+            plan = client.catch_ups.pop(0)
+            last = 0
+            try:
+                async for batch in history.read(self.jetstream, plan):
+                    topic = self.topics.get(plan.pattern)
+                    catching = topic.catching.get(client) if topic is not None else None
+                    if catching is None or client.closing:
+                        return  # unsubscribed or gone meanwhile
+                    for msg, seq in batch:
+                        last = seq
+                        if topic.filtered and not self.policy.permits(msg.subject):
+                            continue
+                        if any(subject_matches(f, msg.subject) for f in catching.check[1]):
+                            continue
+                        plan.sent += 1
+                        client.send(text_frame(encode_nats_message(msg, seq, history=True)))
+            except JetStreamError as exc:
+                logger.warning("history of %s for client %s broke off: %s", plan.pattern, client.id, exc)
+                message = f"History of {plan.pattern} broke off after {plan.sent} messages: {exc}"
+                client.send_json(reply(False, message, action="subscribe", subjects=[plan.pattern]))
+            finally:
+                topic = self.topics.get(plan.pattern)
+                if topic is not None:
+                    topic.release(client, last)
 
     async def unsubscribe(
         self, client: Client, subjects: list[str], request_id: Any = None
@@ -450,7 +594,10 @@ class WSSManager:
 
     # -- shared NATS subscriptions -------------------------------------------
 
-    async def _add(self, client: Client, patterns: Iterable[str], by_backend: bool = False) -> None:
+    async def _add(
+        self, client: Client, patterns: Iterable[str], by_backend: bool = False,
+        stored: dict[str, StreamInfo] | None = None,
+    ) -> None:
         patterns = list(patterns)
         async with self._lock:
             created: list[Topic] = []
@@ -458,14 +605,12 @@ class WSSManager:
                 for pattern in patterns:
                     topic = self.topics.get(pattern)
                     if topic is None:
-                        topic = Topic(pattern, self.policy.needs_filter(pattern))
-                        topic.sub = await self._nats().subscribe(pattern, cb=self._make_callback(topic))
+                        topic = await self._open(pattern, (stored or {}).get(pattern))
                         self.topics[pattern] = topic
                         created.append(topic)
-                        logger.debug("NATS subscription created for %s", pattern)
                     client.subjects[pattern] = Held(client.perms.filters(pattern, by_backend), by_backend)
                     topic.place(client, self._check(client, pattern))
-                if created:
+                if any(t.sub is not None for t in created):
                     await self._confirm_subscriptions()
             except BaseException:
                 # All or nothing: undo this request's part so no half-made
@@ -475,6 +620,40 @@ class WSSManager:
                     if not topic.held:
                         await self._drop(topic)
                 raise
+
+    async def _open(self, pattern: str, stream: StreamInfo | None) -> Topic:
+        """A new topic: a live feed when a stream stores the pattern (its messages then
+        carry their sequence), else a core NATS subscription."""
+        topic = Topic(pattern, self.policy.needs_filter(pattern))
+        on_message = self._make_callback(topic)
+        if stream is None:
+            stream = await self.jetstream.stream_storing(pattern)
+        if stream is not None:
+            feed = LiveFeed(self.jetstream, self._nats, stream.name, pattern, on_message)
+            try:
+                await feed.start()
+            except JetStreamError as exc:
+                # Live delivery matters more than sequences: fall back to core NATS.
+                logger.warning("no live feed for %s from stream %s (%s); following it without sequences",
+                               pattern, stream.name, exc)
+            else:
+                topic.feed, topic.epoch = feed, stream.epoch
+                logger.debug("live feed created for %s from stream %s", pattern, stream.name)
+                return topic
+
+        async def on_core_message(msg: Msg) -> None:
+            on_message(msg, None)
+
+        topic.sub = await self._nats().subscribe(pattern, cb=on_core_message)
+        logger.debug("NATS subscription created for %s", pattern)
+        return topic
+
+    async def check_feeds(self) -> None:
+        """Watchdog for the live feeds: restart any whose consumer went silent (a Panini task)."""
+        now = time.monotonic()
+        for topic in list(self.topics.values()):
+            if topic.feed is not None:
+                topic.feed.check(now)
 
     async def _confirm_subscriptions(self) -> None:
         """Wait until nats-server has our new SUBs, so "subscribed" is true when we say it.
@@ -486,6 +665,11 @@ class WSSManager:
         if not nc.is_connected:
             return  # nats-py re-sends every SUB when the link returns
         try:
+            # Twice: nats-py writes flush()'s PING straight to the socket, ahead of
+            # commands still in its buffer, so the first PONG can come back
+            # before nats-server has our SUB.  By the time it does, the buffer
+            # (SUB included) has been written, so the second PING follows it.
+            await nc.flush(timeout=self.limits.close_timeout)
             await nc.flush(timeout=self.limits.close_timeout)
         except (TimeoutError, NatsError) as exc:
             # The SUB stays registered with nats-py either way; only the
@@ -542,6 +726,9 @@ class WSSManager:
 
     async def _drop(self, topic: Topic) -> None:
         self.topics.pop(topic.pattern, None)
+        if topic.feed is not None:
+            await topic.feed.stop()
+            return
         if topic.sub is None:
             return
         try:
@@ -551,24 +738,31 @@ class WSSManager:
             # The NATS connection may already be closed at shutdown.
             logger.info("unsubscribe %s: %r", topic.pattern, exc)
 
-    def _make_callback(self, topic: Topic) -> Callable[[Msg], Any]:
-        stats, permits = self.stats, self.policy.permits
+    def _make_callback(self, topic: Topic) -> Callable[[Msg, int | None], None]:
+        stats, permits, limit = self.stats, self.policy.permits, self.limits.queue_messages
 
-        async def on_message(msg: Msg) -> None:
-            # No await in here: nats-py runs this per message in order, and
-            # every client's queue receives the frame in that same order.
+        def on_message(msg: Msg, seq: int | None) -> None:
+            # Synchronous: called per message in order, and every client's
+            # queue receives the frame in that same order.
             stats.messages_received += 1
             subject = msg.subject
             if topic.filtered and not permits(subject):
                 stats.filtered += 1
                 return
-            frame = text_frame(encode_nats_message(msg))
+            frame = text_frame(encode_nats_message(msg, seq))
             for client in topic.clients:
                 client.send(frame)
             if topic.checked:
                 for client, check in topic.checked.items():
                     if _delivers(check, subject):
                         client.send(frame)
+            if topic.catching and seq is not None:
+                for client, catching in topic.catching.items():
+                    catching.held.append((seq, subject, frame))
+                    if len(catching.held) > limit:
+                        # Held back for a client that cannot even read its history in time.
+                        stats.slow_consumer_disconnects += 1
+                        client.close_soon(CLOSE_TRY_AGAIN_LATER, "slow consumer: outbound queue full")
 
         return on_message
 

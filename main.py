@@ -14,6 +14,7 @@ import logging
 import mimetypes
 import os
 import random
+import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -30,6 +31,7 @@ from app_state import CONFIG, KEYS, LINK, MANAGER, PANINI, REGISTRY
 from config import TEST_SUBJECT, Config, ConfigError, StartupError, load_config
 from frames import CLOSE_GOING_AWAY
 from handler import WSSManager
+from jetstream import HEARTBEAT, JetStreamError
 from keys import KeyStore
 from logs import configure_logging
 from nats_link import nats_link
@@ -70,9 +72,12 @@ def create_app(config: Config) -> panini_app.App:
 
     if config.test_publish_interval > 0:
         register_test_publisher(app, config.test_publish_interval)
+    app.task(interval=HEARTBEAT)(manager.check_feeds)
 
     web_app.cleanup_ctx.append(keys.lifecycle)  # a bad key fails the start before NATS is tried
     web_app.cleanup_ctx.append(nats_link)  # first in, last out: NATS outlives the tasks
+    if config.create_stream:
+        web_app.cleanup_ctx.append(demo_stream)
     web_app.cleanup_ctx.append(panini_tasks)
     web_app.on_shutdown.append(close_websockets)
     return app
@@ -101,6 +106,19 @@ def register_test_publisher(app: panini_app.App, interval: float) -> None:
             await nc.publish(TEST_SUBJECT, json.dumps(test_message()).encode())
 
 
+async def demo_stream(web_app: web.Application) -> AsyncIterator[None]:
+    """CREATE_STREAM: a stream for history to come from (make run's demo); never replaces one."""
+    config = web_app[CONFIG]
+    name, _, subjects = config.create_stream.partition(":")
+    try:
+        created = await web_app[MANAGER].jetstream.ensure_stream(
+            name, subjects.split(","), config.create_stream_max_msgs, config.create_stream_max_age)
+        logger.info("stream %s %s for %s", name, "created" if created else "already exists", subjects)
+    except JetStreamError as exc:
+        logger.warning("CREATE_STREAM: could not create stream %s: %s", name, exc)
+    yield
+
+
 async def panini_tasks(web_app: web.Application) -> AsyncIterator[None]:
     """Run the ``@app.task`` tasks; stop them before NATS goes."""
     tasks = panini_workarounds.start_tasks(web_app[PANINI])
@@ -124,6 +142,10 @@ def listen(host: str, port: int) -> socket.socket:
     return socket.create_server((host, port), family=family, backlog=128)
 
 
+def stop_early(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # ends start-up quietly; run_app installs its own handlers later
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(argv)
@@ -131,6 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"main.py: error: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, config.log_format)
+    # The port is bound (and reachable) before run_app handles signals: a stop
+    # requested in that moment must still end with 0, not a default-handler kill.
+    signal.signal(signal.SIGTERM, stop_early)
     try:
         sock = listen(config.http_host, config.http_port)
     except OSError as exc:
@@ -138,8 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         print(f"main.py: error: cannot serve on {where}: {reason}", file=sys.stderr)
         return 1
-    app = create_app(config)
     try:
+        app = create_app(config)
         # run_app turns SIGINT/SIGTERM into a graceful shutdown: on_shutdown
         # (clients get 1001), then the cleanup contexts (tasks, NATS let go).
         web.run_app(
@@ -151,6 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StartupError as exc:
         print(f"main.py: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        logger.info("stopped during start-up")
+        return 0
     logger.info("stopped")
     return 0
 

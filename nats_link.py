@@ -4,14 +4,13 @@ At start the connection is retried every ``NATS_RECONNECT_WAIT`` seconds for
 at most ``NATS_CONNECT_TIMEOUT``; then the bridge gives up with one line.
 While running, every client hears when the link drops and when it returns
 (nats-py re-sends every SUB on reconnect, so subscriptions resume by themselves).
-At stop the connection is drained if it is up, but never waited on for long:
-a stop must end promptly whatever NATS is doing.
+At stop the connection is flushed if it is up and closed, never waited on
+for long: a stop must end promptly whatever NATS is doing.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -25,7 +24,7 @@ from config import StartupError
 
 logger = logging.getLogger(__name__)
 
-# A drain hands nats-server our UNSUBs and flushes what we published; on a
+# The final flush hands nats-server our UNSUBs and what we published; on a
 # healthy link it takes milliseconds.  Past these bounds the link is not
 # healthy, and waiting longer only delays the exit.
 DRAIN_TIMEOUT = 1.5
@@ -80,14 +79,24 @@ async def nats_link(web_app: web.Application) -> AsyncIterator[None]:
 
 
 async def let_go(nc: NATS) -> None:
-    """Drain ``nc`` if the link is up, close it otherwise; bounded either way."""
+    """Let the NATS connection go: flush what we sent if the link is up, then close; bounded.
+
+    Not nats-py's ``drain()``: it swallows its own cancellation and then waits
+    out a 10 s flush when NATS has just gone away, so a stop at that moment
+    would hang for seconds.  By now every client is closed and every
+    subscription dropped, so a flush (our UNSUBs and any publish reach the
+    server) is all a drain would add.
+    """
     if nc.is_connected:
         try:
-            await asyncio.wait_for(nc.drain(), DRAIN_TIMEOUT)
-            return
+            await nc.flush(timeout=DRAIN_TIMEOUT)
         except (TimeoutError, NatsError) as exc:
-            # NATS went away mid-drain: nobody is left to hear the UNSUBs.
-            logger.warning("NATS drain abandoned: %r", exc)
+            # NATS went away at the last moment: nobody is left to hear us.
+            logger.warning("NATS flush at shutdown abandoned: %r", exc)
     if not nc.is_closed:
-        with contextlib.suppress(TimeoutError, NatsError):
-            await asyncio.wait_for(nc.close(), CLOSE_TIMEOUT)
+        closing = asyncio.ensure_future(nc.close())
+        done, _ = await asyncio.wait({closing}, timeout=CLOSE_TIMEOUT)
+        if closing in done and not closing.cancelled():
+            closing.exception()  # read, so a failed close is not reported as unretrieved
+        else:
+            logger.warning("NATS connection did not close within %g s; leaving it", CLOSE_TIMEOUT)

@@ -4,11 +4,13 @@ real WebSocket clients over real sockets.  Every await that could hang has a tim
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -107,12 +109,14 @@ class NatsServer:
             return json.load(resp)
 
     def subscriptions_of(self, client_name_prefix: str) -> list[str]:
-        """Subjects nats-server itself says the named client holds (from /connz)."""
+        """Subjects nats-server itself says the named client holds (from /connz), leaving out
+        the bridge's own request inbox (``_INBOX.<id>.*``, for its JetStream API calls)."""
         connz = self.monitor("/connz?subs=detail&limit=1000")
         subs: list[str] = []
         for conn in connz.get("connections") or []:
             if conn.get("name", "").startswith(client_name_prefix):
-                subs.extend(s["subject"] for s in conn.get("subscriptions_list_detail") or [])
+                subs.extend(s["subject"] for s in conn.get("subscriptions_list_detail") or []
+                            if not (s["subject"].startswith("_INBOX.") and s["subject"].endswith(".*")))
         return subs
 
 
@@ -368,10 +372,90 @@ def unique(prefix: str = "t") -> str:
 
 
 async def nats_synced(bridge: Bridge) -> None:
-    """Wait until nats-server has processed every SUB/UNSUB the bridge sent so far."""
-    await asyncio.wait_for(bridge.app.nats.client.flush(), TIMEOUT)
+    """Wait until nats-server has processed every SUB/UNSUB the bridge sent so far.
+
+    Two flushes: nats-py writes a flush's PING ahead of what is still in its
+    buffer (see WSSManager._confirm_subscriptions)."""
+    for _ in range(2):
+        await asyncio.wait_for(bridge.app.nats.client.flush(), TIMEOUT)
 
 
 async def publish(nc: nats.NATS, subject: str, data: Any) -> None:
     await nc.publish(subject, json.dumps(data).encode())
     await nc.flush()
+
+
+@dataclass
+class StalledWebSocket:
+    """A WebSocket client over a raw socket that reads only when told to.
+
+    Its receive buffer is tiny and nothing reads it, so the bridge's writes back
+    up: a browser tab that has stopped reading."""
+
+    sock: socket.socket
+    buffer: bytearray = field(default_factory=bytearray)
+
+    @classmethod
+    async def connect(cls, port: int) -> StalledWebSocket:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", port)), TIMEOUT)
+        ws = cls(sock)
+        key = base64.b64encode(os.urandom(16)).decode()
+        request = (
+            f"GET /stream HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        await asyncio.wait_for(loop.sock_sendall(sock, request.encode()), TIMEOUT)
+        head = await ws._read_until(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        return ws
+
+    async def _fill(self) -> None:
+        data = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(self.sock, 1 << 16), TIMEOUT)
+        if not data:
+            raise ConnectionError("connection closed by the bridge")
+        self.buffer += data
+
+    async def _read_until(self, marker: bytes) -> bytes:
+        while marker not in self.buffer:
+            await self._fill()
+        end = self.buffer.index(marker) + len(marker)
+        head = bytes(self.buffer[:end])
+        del self.buffer[:end]
+        return head
+
+    async def _read_exactly(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            await self._fill()
+        data = bytes(self.buffer[:n])
+        del self.buffer[:n]
+        return data
+
+    async def read_frame(self) -> tuple[int, bytes]:
+        """The next frame from the bridge: (opcode, payload).  Server frames are unmasked."""
+        first, second = await self._read_exactly(2)
+        length = second & 0x7F
+        if length == 126:
+            (length,) = struct.unpack("!H", await self._read_exactly(2))
+        elif length == 127:
+            (length,) = struct.unpack("!Q", await self._read_exactly(8))
+        return first & 0x0F, await self._read_exactly(length)
+
+    async def read_json(self) -> dict[str, Any]:
+        opcode, payload = await self.read_frame()
+        assert opcode == 0x1, (opcode, payload[:200])
+        return json.loads(payload)
+
+    async def send_json(self, obj: Any) -> None:
+        payload = json.dumps(obj).encode()
+        assert len(payload) < 126
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        frame = bytes([0x81, 0x80 | len(payload)]) + mask + masked
+        await asyncio.wait_for(asyncio.get_running_loop().sock_sendall(self.sock, frame), TIMEOUT)
+
+    def close(self) -> None:
+        self.sock.close()

@@ -7,14 +7,13 @@ import base64
 import gc
 import json
 import logging
-import os
 import socket
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from conftest import TIMEOUT, eventually, nats_synced, unique
+from conftest import TIMEOUT, StalledWebSocket, eventually, nats_synced, unique
 
 
 async def subscribed_client(bridge: Any, ws_factory: Any, subject: str) -> Any:
@@ -203,82 +202,6 @@ async def test_flush_delay_keeps_every_message_and_reply_in_order(
 # ---------------------------------------------------------------------------
 # Slow consumer
 # ---------------------------------------------------------------------------
-
-
-@dataclass
-class StalledWebSocket:
-    """A WebSocket client over a raw socket that reads only when told to.
-
-    Its receive buffer is tiny and nothing reads it, so the bridge's writes back
-    up: a browser tab that has stopped reading."""
-
-    sock: socket.socket
-    buffer: bytearray = field(default_factory=bytearray)
-
-    @classmethod
-    async def connect(cls, port: int) -> StalledWebSocket:
-        loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", port)), TIMEOUT)
-        ws = cls(sock)
-        key = base64.b64encode(os.urandom(16)).decode()
-        request = (
-            f"GET /stream HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-        await asyncio.wait_for(loop.sock_sendall(sock, request.encode()), TIMEOUT)
-        head = await ws._read_until(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101"), head
-        return ws
-
-    async def _fill(self) -> None:
-        data = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(self.sock, 1 << 16), TIMEOUT)
-        if not data:
-            raise ConnectionError("connection closed by the bridge")
-        self.buffer += data
-
-    async def _read_until(self, marker: bytes) -> bytes:
-        while marker not in self.buffer:
-            await self._fill()
-        end = self.buffer.index(marker) + len(marker)
-        head = bytes(self.buffer[:end])
-        del self.buffer[:end]
-        return head
-
-    async def _read_exactly(self, n: int) -> bytes:
-        while len(self.buffer) < n:
-            await self._fill()
-        data = bytes(self.buffer[:n])
-        del self.buffer[:n]
-        return data
-
-    async def read_frame(self) -> tuple[int, bytes]:
-        """The next frame from the bridge: (opcode, payload).  Server frames are unmasked."""
-        first, second = await self._read_exactly(2)
-        length = second & 0x7F
-        if length == 126:
-            (length,) = struct.unpack("!H", await self._read_exactly(2))
-        elif length == 127:
-            (length,) = struct.unpack("!Q", await self._read_exactly(8))
-        return first & 0x0F, await self._read_exactly(length)
-
-    async def read_json(self) -> dict[str, Any]:
-        opcode, payload = await self.read_frame()
-        assert opcode == 0x1, (opcode, payload[:200])
-        return json.loads(payload)
-
-    async def send_json(self, obj: Any) -> None:
-        payload = json.dumps(obj).encode()
-        assert len(payload) < 126
-        mask = os.urandom(4)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        frame = bytes([0x81, 0x80 | len(payload)]) + mask + masked
-        await asyncio.wait_for(asyncio.get_running_loop().sock_sendall(self.sock, frame), TIMEOUT)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 SLOW_QUEUE_MESSAGES = 64

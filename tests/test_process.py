@@ -321,3 +321,18 @@ async def close_frame_of(client) -> int | None:
             return int(msg.data)
         if msg.type is not aiohttp.WSMsgType.TEXT:
             return None
+
+
+async def test_sigterm_while_still_reaching_nats_at_start_exits_0_promptly():
+    # The port is bound first, so it answers before NATS is reached (here: never).
+    bp = spawn_bridge(env={"NATS_URL": f"nats://127.0.0.1:{free_port()}", "NATS_CONNECT_TIMEOUT": "30"})
+    try:
+        await asyncio.to_thread(wait_for_port, bp.port, 30, bp.proc)
+        started = time.monotonic()
+        returncode, output = await asyncio.to_thread(bp.stop, signal.SIGTERM, 10)
+        elapsed = time.monotonic() - started
+    finally:
+        bp.stop(signal.SIGKILL, timeout=10)
+    assert returncode == 0, output
+    assert elapsed < 3, f"took {elapsed:.1f} s"
+    assert "Traceback" not in output, output
