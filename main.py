@@ -106,6 +106,31 @@ def register_test_publisher(app: panini_app.App, interval: float) -> None:
             await nc.publish(TEST_SUBJECT, json.dumps(test_message()).encode())
 
 
+async def stop_once(web_app: web.Application) -> AsyncIterator[None]:
+    """The first SIGINT/SIGTERM stops the bridge; later ones are noted, not obeyed.
+
+    aiohttp raises GracefulExit on every signal, so a second one (Ctrl-C in a
+    terminal reaches both `make run` and the bridge, which then passes it on)
+    would cut the shutdown short and exit 1.
+    """
+    loop = asyncio.get_running_loop()
+    stopping = False
+
+    def on_signal() -> None:
+        nonlocal stopping
+        if stopping:
+            logger.info("already stopping")
+            return
+        stopping = True
+        raise web.GracefulExit()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    yield
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
+
+
 async def demo_stream(web_app: web.Application) -> AsyncIterator[None]:
     """CREATE_STREAM: a stream for history to come from (make run's demo); never replaces one."""
     config = web_app[CONFIG]
@@ -165,10 +190,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         app = create_app(config)
+        web_app = app.http_server.web_app
+        web_app.cleanup_ctx.insert(0, stop_once)
         # run_app turns SIGINT/SIGTERM into a graceful shutdown: on_shutdown
         # (clients get 1001), then the cleanup contexts (tasks, NATS let go).
         web.run_app(
-            app.http_server.web_app,
+            web_app,
             sock=sock,
             print=lambda text: logger.info("%s", text.splitlines()[0].strip("= ")),
             shutdown_timeout=2,

@@ -3,8 +3,9 @@
 The terminal shows the bridge's own log lines and, once it is ready, the URL to
 open and a command that publishes a message of your own.  nats-server's output
 goes to .run/nats-server.log.  Publishing from the page is on for `demo.>`
-(unless PUBLISH_ALLOW says otherwise), so its Publish box works out of the box;
-`python main.py` alone keeps publishing off.  Ctrl-C (or SIGTERM) stops both.
+(unless PUBLISH_ALLOW says otherwise), so its Publish box works out of the box,
+and a small stream DEMO stores test.subject and demo.> (unless CREATE_STREAM
+says otherwise), so history works too; `python main.py` alone does neither.  Ctrl-C (or SIGTERM) stops both.
 Extra arguments go to main.py.
 """
 
@@ -31,6 +32,7 @@ RUN_DIR = ROOT / ".run"
 NATS_LOG = RUN_DIR / "nats-server.log"
 NATS_HOST, NATS_PORT, NATS_MONITOR_PORT = "127.0.0.1", 4222, 8222
 DEMO_PUBLISH = "demo.>"
+DEMO_STREAM = "DEMO:test.subject,demo.>"
 
 
 def say(text: str) -> None:
@@ -93,6 +95,7 @@ def main() -> int:
     args = sys.argv[1:]
     env = dict(os.environ)
     env.setdefault("PUBLISH_ALLOW", DEMO_PUBLISH)
+    env.setdefault("CREATE_STREAM", DEMO_STREAM)
     try:
         config = load_config(args, env)
     except ConfigError as exc:
