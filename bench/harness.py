@@ -45,6 +45,9 @@ class Case:
     label: str = ""
     impl: str = "raw"  # load-client implementation: "raw" or "aiohttp"
     uvloop: bool = False  # load clients on uvloop
+    # A JetStream stream stores the subjects: the bridge follows them through its
+    # live feed (messages with sequences) instead of a core subscription.
+    stored: bool = False
 
 
 @dataclass
@@ -230,13 +233,15 @@ def run_case(case: Case, workdir: Path, bridge_args: list[str], profile: str | N
     """Run one case from scratch and measure it.  Raises HarnessError if the harness breaks."""
     row = Row(case=case)
     name = f"{case.workload}-{case.target}" + (f"-{case.label}" if case.label else "")
-    nats = NatsServer(workdir, name)
+    nats = NatsServer(workdir, name, jetstream=case.stored)
     bridge: BridgeProcess | None = None
     pool: LoadPool | None = None
     publisher: Publisher | None = None
     spy = None
     try:
         nats.start()
+        if case.stored:
+            create_stream(nats.url, case.subjects)
         if case.target == "bridge":
             # Room for every client (as an env var, so a flag in bridge_args still wins).
             env = {"MAX_CONNECTIONS": str(max(10_000, case.clients + 100))}
@@ -328,6 +333,22 @@ def run_case(case: Case, workdir: Path, bridge_args: list[str], profile: str | N
         if bridge is not None:
             bridge.stop()
         nats.stop()
+
+
+def create_stream(url: str, subjects: list[str]) -> None:
+    """A file stream storing the case's subjects (what an application would have)."""
+    import asyncio
+
+    import nats as nats_py
+
+    async def create() -> None:
+        nc = await nats_py.connect(url, connect_timeout=5)
+        try:
+            await nc.jetstream().add_stream(name="BENCH", subjects=subjects)
+        finally:
+            await nc.close()
+
+    asyncio.run(create())
 
 
 def start_py_spy(binary: str, out: Path, pid: int) -> Any:

@@ -41,6 +41,7 @@ from bench.report import W5Result, machine_lines, render, table, w5_pass, w5_tab
 
 WORKLOADS = ("W1", "W2", "W3", "W4", "W5")
 FLUSH_DELAY_LABEL = "FLUSH_DELAY=0.05"
+STORED_LABEL = "stored (JetStream)"
 
 # name -> settings; "rate" None = as fast as possible.
 FULL = {
@@ -246,6 +247,16 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row.system_busy:.1f} s ({time.monotonic() - t0:.1f} s in all)", flush=True)
             for e in row.errors[:5]:
                 print(f"    {e}", flush=True)
+
+    if "W1" in args.workloads and "bridge" in args.targets:
+        # The same W1 on a subject a JetStream stream stores: live delivery through
+        # the bridge's ordered consumer, every frame with its sequence.
+        print(f"bench: W1 bridge {STORED_LABEL} ...", flush=True)
+        case = make_case("W1", "bridge", cfgs["W1"], args.smoke, load, stored=True, label="stored")
+        try:
+            rows.append((f"W1 {STORED_LABEL}", run_case(case, workdir, bridge_args)))
+        except (HarnessError, RuntimeError, OSError) as exc:
+            errors.append(f"W1 bridge {STORED_LABEL}: {exc}")
 
     if "W1" in args.workloads and "bridge" in args.targets and not args.smoke:
         # The same W1 with the bridge gathering frames for up to 50 ms under

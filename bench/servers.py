@@ -41,7 +41,8 @@ def _stop(proc: subprocess.Popen[Any] | None, sig: int = signal.SIGTERM, timeout
 class NatsServer:
     """nats-server on free ports: client port, WebSocket listener (no TLS), monitoring (-m)."""
 
-    def __init__(self, workdir: Path, name: str) -> None:
+    def __init__(self, workdir: Path, name: str, jetstream: bool = False) -> None:
+        self.jetstream = jetstream
         self.port = free_port()
         self.ws_port = free_port()
         self.monitor_port = free_port()
@@ -70,9 +71,10 @@ class NatsServer:
             f'websocket {{\n  listen: "127.0.0.1:{self.ws_port}"\n  no_tls: true\n}}\n'
         )
         self.log = open(self.workdir / f"{self.name}-nats.log", "wb")
+        js = ["-js", "-sd", str(self.workdir / f"{self.name}-js")] if self.jetstream else []
         self.proc = subprocess.Popen(
             [nats_server_binary(), "-c", str(conf), "-a", "127.0.0.1", "-p", str(self.port),
-             "-m", str(self.monitor_port)],
+             "-m", str(self.monitor_port), *js],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         alive = lambda: self.proc is not None and self.proc.poll() is None  # noqa: E731

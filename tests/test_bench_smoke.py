@@ -38,6 +38,7 @@ def test_bench_smoke_runs_and_prints_a_table(tmp_path: Path) -> None:
         assert (workload, "bridge") in labels, report
         assert (workload, "nats") in labels, report
     assert ("W5", "bridge") in labels, report
+    assert any("stored" in row for row in rows), report  # W1 on a JetStream-stored subject
     for row in rows:
         delivered = re.search(r"\| ([\d,]+) / ([\d,]+)", row)
         assert delivered, row
