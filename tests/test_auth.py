@@ -10,7 +10,10 @@ import asyncio
 import datetime
 import ipaddress
 import json
+import os
 import ssl
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import TIMEOUT, nats_synced, publish
+from conftest import ROOT, TIMEOUT, nats_synced, publish
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -554,3 +557,17 @@ async def test_metrics_count_refreshes_expiries_and_refusals(bridge_factory, nat
     assert 'bridge_token_refreshes_total{result="refused"} 1.0' in text
     assert "bridge_token_expiries_total 1.0" in text
     assert 'bridge_handshake_refusals_total{reason="token_malformed"} 1.0' in text
+
+
+async def test_mint_script_token_is_accepted_with_its_permissions(jwt_bridge, ws_factory):
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "scripts/mint_token.py", "dora", "--sub-allow", "user.{sub}.a"],
+        cwd=ROOT, env={**os.environ, "JWT_SECRET": SECRET}, capture_output=True, text=True, timeout=TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr
+    dora = await connect(ws_factory, jwt_bridge, done.stdout.strip())
+    assert dora.welcome["user"] == "dora"
+    allowed = await dora.request({"action": "subscribe", "subjects": ["user.dora.a"]})
+    refused = await dora.request({"action": "subscribe", "subjects": ["user.dora.b"]})
+    assert (allowed["success"], refused["success"]) == (True, False)
