@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 from nats.aio.client import Client as NATS
+from nats.errors import ConnectionClosedError
 from nats.errors import Error as NatsError
 
 import panini_workarounds
@@ -82,12 +83,46 @@ async def nats_link(web_app: web.Application) -> AsyncIterator[None]:
 async def let_go(nc: NATS) -> None:
     """Drain ``nc`` if the link is up, close it otherwise; bounded either way."""
     if nc.is_connected:
-        try:
-            await asyncio.wait_for(nc.drain(), DRAIN_TIMEOUT)
+        drain = asyncio.ensure_future(nc.drain())
+        await asyncio.wait({drain}, timeout=DRAIN_TIMEOUT)
+        if drain.done() and not drain.cancelled() and drain.exception() is None:
             return
-        except (TimeoutError, NatsError) as exc:
-            # NATS went away mid-drain: nobody is left to hear the UNSUBs.
-            logger.warning("NATS drain abandoned: %r", exc)
+        # NATS went away mid-drain: nobody is left to hear the UNSUBs.
+        failed = drain.done() and not drain.cancelled()
+        why = drain.exception() if failed else f"not done in {DRAIN_TIMEOUT:g} s"
+        logger.warning("NATS drain abandoned: %r", why)
+        await _abandon(nc, drain)
     if not nc.is_closed:
-        with contextlib.suppress(TimeoutError, NatsError):
+        # OSError: closing flushes what is pending onto a socket that may be gone.
+        with contextlib.suppress(TimeoutError, NatsError, OSError):
             await asyncio.wait_for(nc.close(), CLOSE_TIMEOUT)
+
+
+def connected(web_app: web.Application) -> bool:
+    """Is the NATS link up right now?"""
+    nc = panini_workarounds.nats_client(web_app[PANINI])
+    return nc is not None and nc.is_connected
+
+
+async def _abandon(nc: NATS, drain: asyncio.Future[None]) -> None:
+    """End a drain that cannot finish, without cancelling it.
+
+    nats-py's ``drain`` waits for a PONG after each UNSUB and once more at the
+    end, each for up to 10 s; when the link drops mid-drain those PONGs never
+    come (the reconnect forgets them).  Cancelling instead is no better: the
+    drain swallows the first cancellation, and a cancellation caught in its
+    ``gather`` leaves an exception asyncio logs at exit.  So the waits are
+    ended the way a closed connection would end them: each outstanding PONG
+    fails (``nc._pongs``, nats-py's own list), and the drain unwinds.
+    """
+    for _ in range(20):
+        if drain.done():
+            break
+        for pong in list(nc._pongs):
+            if not pong.done():
+                pong.set_exception(ConnectionClosedError())
+        await asyncio.wait({drain}, timeout=0.05)
+    if not drain.done():
+        drain.cancel()  # something else holds it: the last resort
+    elif not drain.cancelled():
+        drain.exception()  # retrieved: it was logged above, not by asyncio at exit
