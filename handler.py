@@ -127,6 +127,7 @@ class WSSManager:
         max_connections: int = 10_000,
         verifier: Callable[[], Any] = lambda: None,
         refresh_lead: float = 30.0,
+        worker: int = 1,
     ) -> None:
         # A callable, not the client itself: the NATS connection is made in the
         # app's startup hook, after the manager exists.
@@ -141,6 +142,8 @@ class WSSManager:
         # The current tokens.Verifier (None: no JWT); a callable, since a JWKS refresh swaps it.
         self._verifier = verifier
         self._refresh_lead = refresh_lead
+        # Which of this host's worker processes we are (WORKERS), told to every client.
+        self.worker = worker
         self._slots = asyncio.Semaphore(max_connections)
         # Serialises changes to ``topics`` so that two clients asking for the same
         # new pattern at once cannot create two NATS subscriptions.
@@ -212,6 +215,7 @@ class WSSManager:
             "protocol": PROTOCOL_VERSION,
             "nats": "connected" if nc is not None and nc.is_connected else "disconnected",
             "publish": bool(self.policy.publish_allow),
+            "worker": self.worker,
         }
         if user is not None:
             welcome.update(user=user.sub, expires_at=user.expires_at)

@@ -131,6 +131,50 @@ async def nc(nats_server: NatsServer) -> AsyncIterator[nats.NATS]:
         await asyncio.wait_for(client.close(), TIMEOUT)
 
 
+async def stop(server: NatsServer) -> None:
+    await asyncio.wait_for(asyncio.to_thread(server.stop), 30)
+
+
+async def start(server: NatsServer) -> None:
+    await asyncio.wait_for(asyncio.to_thread(server.start), 30)
+
+
+# ---------------------------------------------------------------------------
+# A three-node NATS cluster on loopback
+# ---------------------------------------------------------------------------
+
+
+def cluster_nodes() -> list[NatsServer]:
+    route_ports = [free_port() for _ in range(3)]
+    nodes = []
+    for i, port in enumerate(route_ports):
+        routes = ",".join(f"nats://127.0.0.1:{p}" for j, p in enumerate(route_ports) if j != i)
+        nodes.append(NatsServer(extra_args=[
+            "--cluster", f"nats://127.0.0.1:{port}",
+            "--routes", routes,
+            "--cluster_name", "test",
+            "--name", f"node{i}",
+        ]))
+    return nodes
+
+
+def routed_peers(node: NatsServer) -> set[str]:
+    return {r["remote_id"] for r in node.monitor("/routez").get("routes") or []}
+
+
+@pytest_asyncio.fixture
+async def cluster() -> AsyncIterator[list[NatsServer]]:
+    nodes = cluster_nodes()
+    try:
+        for node in nodes:
+            await start(node)
+        await eventually(lambda: all(len(routed_peers(n)) == 2 for n in nodes), timeout=20)
+        yield nodes
+    finally:
+        for node in nodes:
+            await stop(node)
+
+
 # ---------------------------------------------------------------------------
 # The bridge, in-process through the app factory
 # ---------------------------------------------------------------------------
@@ -154,6 +198,10 @@ class Bridge:
     @property
     def manager(self) -> Any:
         return self.app.http_server.web_app[main.MANAGER]
+
+    @property
+    def plane(self) -> Any:
+        return self.app.http_server.web_app[main.PLANE]
 
 
 @asynccontextmanager
