@@ -199,14 +199,18 @@ class Gathering:
         self.answers.setdefault(answer.instance, answer)  # a duplicate changes nothing
 
     @property
+    def found(self) -> bool:
+        """A connection's holder has answered: connection ids are unique, nobody else holds it."""
+        return self.command.target == "client" and any(a.connections for a in self.answers.values())
+
+    @property
     def done(self) -> bool:
-        if self.command.target == "client" and any(a.connections for a in self.answers.values()):
-            return True  # connection ids are unique: nobody else holds it
-        return self.expected <= self.answers.keys()
+        return self.found or self.expected <= self.answers.keys()
 
     @property
     def missing(self) -> list[str]:
-        return sorted(self.expected - self.answers.keys())
+        """Instances whose silence may have left the result short (none, once the holder is found)."""
+        return [] if self.found else sorted(self.expected - self.answers.keys())
 
 
 # ---------------------------------------------------------------------------

@@ -125,6 +125,7 @@ def listen(host: str, port: int, count: int = 1) -> list[socket.socket]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    workers.hold_stop_signals()  # released once a handler can stop us gracefully
     try:
         config = load_config(argv)
     except ConfigError as exc:
@@ -148,7 +149,13 @@ def serve(config: Config, sock: socket.socket, worker: Worker = workers.LONE,
     """One bridge process on ``sock`` until SIGTERM/SIGINT; its exit code."""
     if worker.count > 1:
         configure_logging(config.log_level, config.log_format, worker.index)
+    workers.hold_stop_signals()
     app = create_app(config, worker)
+
+    async def release(_: web.Application) -> None:
+        workers.release_stop_signals()  # run_app's handlers are in place: a stop is graceful now
+
+    app.http_server.web_app.on_startup.insert(0, release)
     if ready is not None:
         async def started(_: web.Application) -> None:
             ready()

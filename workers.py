@@ -48,6 +48,22 @@ STOP_TIMEOUT = 10.0  # seconds; a worker's own stop is bounded at a few
 RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)  # seconds, for workers that keep dying young
 STABLE_AFTER = 30.0  # seconds up after which a death restarts the backoff
 PR_SET_PDEATHSIG = 1
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def hold_stop_signals() -> None:
+    """Keep SIGTERM/SIGINT pending until ``release_stop_signals``.
+
+    From the moment the port is bound a stop may come (an orchestrator, a test
+    that saw the port open), but until aiohttp (or the supervisor) has its
+    handlers in place the default action would kill the process mid-start.
+    Held, the signal waits and then stops the process gracefully.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+def release_stop_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 @dataclass(frozen=True)
@@ -111,8 +127,9 @@ class _Supervisor:
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
         wake_w.setblocking(False)
-        handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        handlers = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         old_wakeup = signal.set_wakeup_fd(wake_w.fileno())
+        release_stop_signals()  # our handlers are in place (main held them until now)
         try:
             logger.info("starting %d workers on one port (SO_REUSEPORT)", len(self.slots))
             for slot in self.slots:
@@ -221,7 +238,12 @@ class _Supervisor:
         worker = Worker(slot.index, len(self.slots), self.rundir)
         process = CTX.Process(target=_worker_main, name=f"bridge-worker-{slot.index}",
                               args=(self.serve, self.sockets, worker, writer, self.pid))
-        process.start()
+        # Forked with stop signals held: the worker releases them once its own handlers are in place.
+        hold_stop_signals()
+        try:
+            process.start()
+        finally:
+            release_stop_signals()
         writer.close()
         slot.process, slot.ready, slot.started = process, reader, time.monotonic()
         logger.info("worker %d started (pid %d)", slot.index, process.pid)
