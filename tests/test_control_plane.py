@@ -14,13 +14,14 @@ import json
 import re
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import nats
 import pytest
-from conftest import TIMEOUT, NatsServer, eventually, publish, unique
+from conftest import ROOT, TIMEOUT, NatsServer, eventually, publish, unique
 from minting import SECRET, claims, hs256
 
 from commands import Answer, Command, summarize
@@ -589,3 +590,65 @@ async def test_on_a_cluster_a_backend_on_a_third_node_reaches_both_instances(clu
     await user(ws_factory, b, "alice")
     answer = await request(nc, f"{plane}.users.request", {"key": "alice", "body": {"subjects": ["public.x"]}})
     assert (answer["status"], answer["connections"], answer["instances"]) == (200, 2, 2), answer
+
+
+# ---------------------------------------------------------------------------
+# The README's NATS permissions, on a real nats-server
+# ---------------------------------------------------------------------------
+
+
+def readme_permissions() -> str:
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- nats-permissions -->")[1].split("<!-- /nats-permissions -->")[0]
+    return block.split("```conf")[1].split("```")[0]
+
+
+@pytest.fixture
+def guarded_nats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[NatsServer]:
+    conf = tmp_path / "nats.conf"
+    conf.write_text(readme_permissions())
+    for user in ("bridge", "backend", "app"):
+        monkeypatch.setenv(f"{user.upper()}_PASSWORD", f"{user}-password")  # nats-server reads $VARS
+    server = NatsServer(extra_args=["-c", str(conf)]).start()
+    yield server
+    server.stop()
+
+
+def as_user(server: NatsServer, user: str) -> str:
+    return f"nats://{user}:{user}-password@127.0.0.1:{server.port}"
+
+
+async def test_readme_nats_permissions_let_a_backend_command_the_bridges(guarded_nats, bridge_factory,
+                                                                        ws_factory):
+    bridge = await bridge_factory(nats_url=as_user(guarded_nats, "bridge"),
+                                  subject_allow=("public.>", "user.{sub}.>"))
+    client = await ws_factory(bridge.ws_url)
+    backend = await asyncio.wait_for(nats.connect(as_user(guarded_nats, "backend")), TIMEOUT)
+    app = await asyncio.wait_for(nats.connect(as_user(guarded_nats, "app")), TIMEOUT)
+    try:
+        answer = await request(backend, "bridge.control.clients.request",
+                               {"key": client.connection_id, "body": {"subjects": ["public.news"]}})
+        await publish(app, "public.news", {"n": 1})
+        frame = await client.receive_message()
+    finally:
+        await asyncio.wait_for(backend.close(), TIMEOUT)
+        await asyncio.wait_for(app.close(), TIMEOUT)
+    assert (answer["status"], frame["subject"]) == (200, "public.news")
+
+
+async def test_readme_nats_permissions_keep_other_users_off_the_control_plane(guarded_nats):
+    refused: list[str] = []
+
+    async def error_cb(exc: Exception) -> None:
+        refused.append(str(exc))
+
+    app = await asyncio.wait_for(nats.connect(as_user(guarded_nats, "app"), error_cb=error_cb), TIMEOUT)
+    try:
+        await app.publish("bridge.control.users.disconnect", b'{"key": "alice"}')
+        await app.subscribe("bridge.control.>")
+        await app.flush(TIMEOUT)
+        await eventually(lambda: len(refused) >= 2)
+    finally:
+        await asyncio.wait_for(app.close(), TIMEOUT)
+    assert any("publish" in r and "bridge.control.users.disconnect" in r for r in refused), refused
+    assert any("subscription" in r and "bridge.control.>" in r for r in refused), refused
