@@ -155,7 +155,11 @@ def serve(config: Config, sock: socket.socket, worker: Worker = workers.LONE,
     async def release(_: web.Application) -> None:
         workers.release_stop_signals()  # run_app's handlers are in place: a stop is graceful now
 
+    async def hold(_: web.Application) -> None:
+        workers.hold_stop_signals()  # stopped cleanly: a late signal must not make the exit a kill
+
     app.http_server.web_app.on_startup.insert(0, release)
+    app.http_server.web_app.on_cleanup.append(hold)
     if ready is not None:
         async def started(_: web.Application) -> None:
             ready()

@@ -139,6 +139,9 @@ class _Supervisor:
                 code = self._stop_all()
             return code
         finally:
+            # A stop signal from here on (a second SIGTERM while we finish) must not
+            # turn a clean exit into death by signal: it waits, unhandled, until we exit.
+            hold_stop_signals()
             signal.set_wakeup_fd(old_wakeup)
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)

@@ -221,6 +221,21 @@ def exited(pids: set[int]) -> bool:
     return not any(alive(pid) for pid in pids)
 
 
+@pytest.mark.parametrize("after", [0.05, 0.2, 0.5, 0.8])
+async def test_a_second_sigterm_while_stopping_still_exits_0(nats_server, after):
+    # Orchestrators and impatient people send a second one; it must not make a clean stop a kill.
+    bp = await asyncio.to_thread(start, nats_server)
+    try:
+        bp.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(after)
+        if bp.proc.poll() is None:
+            bp.proc.send_signal(signal.SIGTERM)
+        code, output = await asyncio.to_thread(bp.stop, signal.SIGTERM, 20)
+    finally:
+        bp.stop(signal.SIGKILL, timeout=10)
+    assert code == 0, output
+
+
 async def test_sigterm_leaves_no_worker_behind(own):
     workers = worker_pids(own)
     await asyncio.to_thread(own.stop, signal.SIGTERM, 20)
