@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from schema_check import validate_server_frame  # noqa: E402
 
 import main  # noqa: E402
+from permissions import DEFAULT_CONTROL_SUBJECT  # noqa: E402
 
 TIMEOUT = 10.0
 
@@ -106,13 +107,17 @@ class NatsServer:
         with urllib.request.urlopen(self.monitor_url + path, timeout=5) as resp:
             return json.load(resp)
 
-    def subscriptions_of(self, client_name_prefix: str) -> list[str]:
-        """Subjects nats-server itself says the named client holds (from /connz)."""
+    def subscriptions_of(self, client_name_prefix: str, control_plane: bool = False) -> list[str]:
+        """Subjects nats-server itself says the named client holds (from /connz): the
+        browsers' subscriptions, and with ``control_plane`` the bridge's own under the
+        default CONTROL_SUBJECT too."""
         connz = self.monitor("/connz?subs=detail&limit=1000")
         subs: list[str] = []
         for conn in connz.get("connections") or []:
             if conn.get("name", "").startswith(client_name_prefix):
                 subs.extend(s["subject"] for s in conn.get("subscriptions_list_detail") or [])
+        if not control_plane:
+            subs = [s for s in subs if not s.startswith(f"{DEFAULT_CONTROL_SUBJECT}.")]
         return subs
 
 

@@ -652,3 +652,12 @@ async def test_readme_nats_permissions_keep_other_users_off_the_control_plane(gu
         await asyncio.wait_for(app.close(), TIMEOUT)
     assert any("publish" in r and "bridge.control.users.disconnect" in r for r in refused), refused
     assert any("subscription" in r and "bridge.control.>" in r for r in refused), refused
+
+
+async def test_a_bridge_holds_each_control_plane_subscription_once(bridge, nats_server):
+    await asyncio.wait_for(bridge.app.nats.client.flush(), TIMEOUT)
+    held = sorted(nats_server.subscriptions_of(bridge.name, control_plane=True))
+    commands = [f"bridge.control.{each}{target}.{op}" for each in ("", "each.")
+                for target in ("clients", "users") for op in ("request", "disconnect")]
+    replies = f"bridge.control.replies.{bridge.plane.instance}.*"
+    assert held == sorted([*commands, "bridge.control.instances", replies])
