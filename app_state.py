@@ -8,8 +8,10 @@ from prometheus_client import CollectorRegistry
 
 import metrics
 from config import Config
+from control_plane import ControlPlane
 from handler import WSSManager
 from keys import KeyStore
+from workers import Worker
 
 CONFIG = web.AppKey("config", Config)
 PANINI = web.AppKey("panini", panini_app.App)
@@ -17,3 +19,5 @@ MANAGER = web.AppKey("manager", WSSManager)
 LINK = web.AppKey("link", metrics.LinkStats)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 KEYS = web.AppKey("keys", KeyStore)
+PLANE = web.AppKey("plane", ControlPlane)
+WORKER = web.AppKey("worker", Worker)

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from permissions import DEFAULT_DENY, SUB_TEMPLATE, SubjectPolicy, template_error
+from permissions import DEFAULT_CONTROL_SUBJECT, DEFAULT_DENY, SUB_TEMPLATE, SubjectPolicy, template_error
+from subjects import subject_error
 
 TEST_SUBJECT = "test.subject"
 
@@ -154,6 +155,25 @@ def _file_or_https(text: str) -> str:
                              "could be swapped on the way)")
         return text.strip()
     return _file(text)
+
+
+def _workers(text: str) -> int:
+    if text.strip().lower() == "auto":
+        # The cores this process may run on (taskset, cpusets), not every core of the host.
+        return len(os.sched_getaffinity(0))
+    expected = "expected a whole number >= 1, or auto (one per core)"
+    value = int(_number(text, int, expected))
+    if value < 1:
+        raise ValueError(expected)
+    return value
+
+
+def _concrete_subject(text: str) -> str:
+    error = subject_error(text.strip(), 200, wildcards=False)
+    if error:
+        raise ValueError(f"expected a NATS subject without wildcards, like {DEFAULT_CONTROL_SUBJECT}; "
+                         f"{error}")
+    return text.strip()
 
 
 def _optional_text(text: str) -> str:
@@ -364,6 +384,26 @@ class Config:
     pong_timeout: float = opt(
         10.0, "PONG_TIMEOUT", _positive_seconds, "seconds to wait for the pong before closing a dead client"
     )
+    # Beyond one process
+    workers: int = opt(
+        1, "WORKERS", _workers,
+        "processes serving HTTP_PORT together (SO_REUSEPORT), each with its own NATS connection; "
+        "auto: one per core this process may use",
+    )
+    control_subject: str = opt(
+        DEFAULT_CONTROL_SUBJECT, "CONTROL_SUBJECT", _concrete_subject,
+        "subject prefix of the control plane on NATS, where every bridge process takes control "
+        "commands; never open to browsers",
+    )
+    control_timeout: float = opt(
+        0.5, "CONTROL_TIMEOUT", _positive_seconds,
+        "seconds a control command waits for the other bridge processes' answers",
+    )
+    control_heartbeat: float = opt(
+        1.0, "CONTROL_HEARTBEAT", _positive_seconds,
+        "seconds between a bridge process's announcements on the control plane; one silent for 3 of "
+        "them is no longer waited for",
+    )
     # Logs
     log_level: str = opt("INFO", "LOG_LEVEL", _log_level, "DEBUG, INFO, WARNING or ERROR")
     log_format: str = opt("text", "LOG_FORMAT", _choice("text", "json"), "text or json (one object a line)")
@@ -397,7 +437,8 @@ class Config:
     @property
     def policy(self) -> SubjectPolicy:
         return SubjectPolicy(
-            allow=self.subject_allow, deny=self.subject_deny, publish_allow=self.publish_allow
+            allow=self.subject_allow, deny=self.subject_deny, publish_allow=self.publish_allow,
+            control_subject=self.control_subject,
         )
 
 

@@ -1,4 +1,4 @@
-"""The control API: a backend acts for connections, one by id or every one of a user.
+"""The control API over HTTP: a backend acts for connections, one by id or every one of a user.
 
 | Endpoint | Command |
 |---|---|
@@ -10,119 +10,45 @@
 A backend is trusted: what it asks obeys the server's policy but not the
 user's token claims.  With user authentication configured it must present a
 ``CONTROL_TOKENS`` bearer (access.check_backend).  Each HTTP call becomes a
-``Command``; ``execute`` carries it out on this process's connections.
+``Command`` (commands.py), which the control plane (control_plane.py) carries
+out on every bridge process, wherever the connections are.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
-from typing import Any, Literal
 
 from aiohttp import web
 
 from access import Refused, check_backend, refused
-from app_state import MANAGER
-from connection import Client
-from frames import CLOSE_DISCONNECTED
-from handler import WSSManager
+from app_state import PLANE
+from commands import DEFAULT_REASON, Command, Result, Target
+from control_plane import MAX_REASON_BYTES
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_REASON = "disconnected by the server"
+
+def _answer(result: Result) -> web.Response:
+    return web.json_response(result.body, status=result.status)
 
 
-@dataclass(frozen=True)
-class Command:
-    """One control command: ``target`` names a connection id or a user's sub."""
-
-    target: Literal["client", "user"]
-    key: str
-    op: Literal["request", "disconnect"]
-    # The request's JSON text, or the close reason.
-    body: str
-
-
-@dataclass
-class Outcome:
-    """What a command did: how many connections it reached, and their replies."""
-
-    connections: int = 0
-    replies: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _targets(manager: WSSManager, command: Command) -> list[Client]:
-    if command.target == "client":
-        client = manager.clients.get(command.key)
-        return [client] if client is not None else []
-    return list(manager.users.get(command.key, ()))
-
-
-async def execute(manager: WSSManager, command: Command) -> Outcome:
-    """Carry ``command`` out on this process's connections."""
-    outcome = Outcome()
-    for client in _targets(manager, command):
-        outcome.connections += 1
-        if command.op == "disconnect":
-            logger.info("connection %s: disconnected by a backend: %s", client.id, command.body)
-            await client.close(CLOSE_DISCONNECTED, command.body)
-            continue
-        replies = await manager.handle_request(client, command.body, by_backend=True)
-        for frame in replies:
-            # The client hears about it too, so its view of its subscriptions stays true.
-            client.send_json({**frame, "source": "http"})
-        await manager.finish_catch_up(client)
-        if command.target == "user":
-            replies = [{**frame, "connection_id": client.id} for frame in replies]
-        outcome.replies.extend(replies)
-    return outcome
-
-
-# ---------------------------------------------------------------------------
-# HTTP
-# ---------------------------------------------------------------------------
-
-
-def _nobody(command: Command) -> web.Response:
-    message = "No such connection" if command.target == "client" else f"No connection of user {command.key!r}"
-    return web.json_response({"success": False, "message": message, "type": "reply", "connections": 0},
-                             status=404)
-
-
-async def _request(request: web.Request, target: Literal["client", "user"], key: str) -> web.Response:
+async def _request(request: web.Request, target: Target, key: str) -> web.Response:
     try:
         check_backend(request)
     except Refused as exc:
         return refused(request, exc)
     command = Command(target, key, "request", await request.text())
-    outcome = await execute(request.app[MANAGER], command)
-    if not outcome.connections:
-        return _nobody(command)
-    ok = all(frame["success"] for frame in outcome.replies)
-    body = {
-        "success": ok,
-        "message": "; ".join(dict.fromkeys(frame["message"] for frame in outcome.replies)),
-        "type": "reply",
-        "connections": outcome.connections,
-        "replies": outcome.replies,
-    }
-    return web.json_response(body, status=200 if ok else 400)
+    return _answer(await request.app[PLANE].gather(command))
 
 
-async def _disconnect(request: web.Request, target: Literal["client", "user"], key: str) -> web.Response:
+async def _disconnect(request: web.Request, target: Target, key: str) -> web.Response:
     try:
         check_backend(request)
         reason = await _reason(request)
     except Refused as exc:
         return refused(request, exc)
-    command = Command(target, key, "disconnect", reason)
-    outcome = await execute(request.app[MANAGER], command)
-    if not outcome.connections:
-        return _nobody(command)
-    n = outcome.connections
-    return web.json_response({"success": True, "type": "reply", "connections": n,
-                              "message": f"Disconnected {n} connection{'s' if n != 1 else ''}"})
+    return _answer(await request.app[PLANE].gather(Command(target, key, "disconnect", reason)))
 
 
 async def _reason(request: web.Request) -> str:
@@ -137,7 +63,7 @@ async def _reason(request: web.Request) -> str:
     reason = body.get("reason", DEFAULT_REASON) if isinstance(body, dict) else None
     if not isinstance(reason, str):
         raise Refused(400, "control_body", 'Expected an empty body or {"reason": "..."}')
-    return reason.encode()[:123].decode(errors="ignore")
+    return reason.encode()[:MAX_REASON_BYTES].decode(errors="ignore")
 
 
 async def post_client(request: web.Request) -> web.Response:

@@ -85,6 +85,7 @@ class WSSManager:
         max_connections: int = 10_000,
         verifier: Callable[[], Any] = lambda: None,
         refresh_lead: float = 30.0,
+        worker: int = 1,
     ) -> None:
         # A callable, not the client itself: the NATS connection is made in the
         # app's startup hook, after the manager exists.
@@ -100,11 +101,15 @@ class WSSManager:
         # The current tokens.Verifier (None: no JWT); a callable, since a JWKS refresh swaps it.
         self._verifier = verifier
         self._refresh_lead = refresh_lead
+        # Which of this host's worker processes we are (WORKERS), told to every client.
+        self.worker = worker
         self._slots = asyncio.Semaphore(max_connections)
         # Serialises changes to ``topics`` so that two clients asking for the same
         # new pattern at once cannot create two NATS subscriptions.
         self._lock = asyncio.Lock()
         self._flusher = Flusher(self.limits.flush_delay)
+        # History being sent for backend requests (kept so the tasks are not collected).
+        self._catch_ups: set[asyncio.Task[None]] = set()
 
     @property
     def client_subscriptions(self) -> int:
@@ -171,6 +176,7 @@ class WSSManager:
             "protocol": PROTOCOL_VERSION,
             "nats": "connected" if nc is not None and nc.is_connected else "disconnected",
             "publish": bool(self.policy.publish_allow),
+            "worker": self.worker,
         }
         if user is not None:
             welcome.update(user=user.sub, expires_at=user.expires_at)
@@ -394,6 +400,13 @@ class WSSManager:
             if len(plans) == 1 and not plans[0].recovered:
                 extra["first_seq"] = plans[0].stream.first_seq
         return extra
+
+    def catch_up_soon(self, client: Client) -> None:
+        """``finish_catch_up`` in a task of its own (for requests a backend made)."""
+        if client.catch_ups:
+            task = asyncio.create_task(self.finish_catch_up(client))
+            self._catch_ups.add(task)
+            task.add_done_callback(self._catch_ups.discard)
 
     async def finish_catch_up(self, client: Client) -> None:
         """Send the history planned by the last request, then what was held back meanwhile.

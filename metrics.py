@@ -2,18 +2,21 @@
 
 The hot path only bumps plain integers (``Stats`` below); this collector turns
 them into metric families when /metrics is scraped, so a delivered message costs
-no lock and no label lookup.
+no lock and no label lookup.  With several workers, /metrics is the host's
+total: ``merge`` sums the workers' own expositions sample by sample (siblings.py
+fetches them at scrape time).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 if TYPE_CHECKING:
     from handler import WSSManager
@@ -130,4 +133,51 @@ def make_registry(
 
 
 def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
+
+
+def merge(texts: Sequence[str]) -> list[Metric]:
+    """Several processes' exposition texts as one: every sample summed over them.
+
+    Every bridge metric is a count (of connections, subscriptions, frames,
+    links up), so the host's value is the sum of its workers'.
+    """
+    families: dict[str, Metric] = {}
+    sums: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            if family.name not in families:
+                families[family.name] = Metric(family.name, family.documentation, family.type)
+                sums[family.name] = {}
+            totals = sums[family.name]
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                totals[key] = totals.get(key, 0.0) + sample.value
+    for name, family in families.items():
+        for (sample_name, labels), value in sums[name].items():
+            family.add_sample(sample_name, dict(labels), value)
+    return list(families.values())
+
+
+def workers_families(count: int, reporting: int) -> list[Metric]:
+    return [
+        GaugeMetricFamily("bridge_workers", "Worker processes configured on this host (WORKERS).",
+                          value=count),
+        GaugeMetricFamily("bridge_workers_reporting",
+                          "Workers whose metrics are in this scrape (fewer while one restarts).",
+                          value=reporting),
+    ]
+
+
+class _Fixed:
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self._families = list(families)
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
+
+
+def render_families(families: Iterable[Metric]) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed(families))
     return generate_latest(registry)

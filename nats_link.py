@@ -100,3 +100,9 @@ async def let_go(nc: NATS) -> None:
             closing.exception()  # read, so a failed close is not reported as unretrieved
         else:
             logger.warning("NATS connection did not close within %g s; leaving it", CLOSE_TIMEOUT)
+
+
+def connected(web_app: web.Application) -> bool:
+    """Is the NATS link up right now?"""
+    nc = panini_workarounds.nats_client(web_app[PANINI])
+    return nc is not None and nc.is_connected

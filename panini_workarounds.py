@@ -35,6 +35,27 @@ does that a long-running bridge cannot live with, and what we do instead:
    creates a task per message, drops payloads that are not JSON, and publishes
    the callback's return value to the reply subject.  handler.py subscribes on
    the nats-py client directly.
+
+6. **The control plane's handlers are Panini's ``@app.listen``, subscribed by us.**
+   Request handlers are what Panini is for (control_plane.py registers them with
+   ``@app.listen``; Panini wraps each in its ``_ReceivedMessageHandler``, which
+   publishes the handler's return value to the message's reply subject).  But
+   Panini subscribes them only in ``App.start()`` (see 2), through
+   ``NATSClient.subscribe_listeners()``, which also needs ``set_listeners()``
+   first and schedules its JetStream part with ``self.loop.create_task``: the
+   loop the App captured when it was built, which under ``web.run_app`` (a new
+   loop) never runs.  So ``subscribe_listeners`` below hands each registered
+   ``Listen`` to ``NATSClient.subscribe_new_subject``, which needs only the
+   connected client (ours, from ``connect``) and the running loop.  Also,
+   ``@app.listen(..., queue=...)`` files ``queue`` under ``Listen._meta``, where
+   nothing reads it (only the App-wide ``allocation_queue_group`` applies); we
+   move it to ``Listen.queue`` so one listener can be in a queue group and the
+   others not.  What the handlers do because of Panini's wrapper: they take
+   ``data_type=bytes`` and parse it themselves (with ``dict``, a body that is
+   not a JSON object raises inside Panini's task and the requester gets no
+   answer at all), and they return bytes whenever there is a reply subject
+   (Panini cannot publish ``None``).  The wrapper's task per message is fine
+   for control traffic, which is rare; browser traffic never goes through it (5).
 """
 
 from __future__ import annotations
@@ -46,6 +67,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from nats.aio.client import Client as NATS
+from nats.aio.subscription import Subscription
 from panini import app as panini_app
 
 
@@ -108,3 +130,15 @@ async def connect(app: panini_app.App, timeout: float, **callbacks: Callable[...
 def start_tasks(app: panini_app.App) -> list[asyncio.Task[Any]]:
     """Workaround 2: start the ``@app.task`` tasks and keep their handles (Panini keeps none)."""
     return [asyncio.create_task(task()) for task in app._task_manager.tasks]
+
+
+async def subscribe_listeners(app: panini_app.App) -> list[Subscription]:
+    """Workaround 6: subscribe the App's ``@app.listen`` handlers on the connected client."""
+    subscriptions = []
+    for listeners in app._event_manager.subscriptions.values():
+        for listener in listeners:
+            meta = listener._meta if isinstance(listener._meta, dict) else {}
+            if meta.get("queue"):
+                listener.queue = meta["queue"]
+            subscriptions.append(await app.nats.subscribe_new_subject(listener))
+    return subscriptions

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from subjects import pattern_within, patterns_overlap, subject_error, subject_matches
@@ -27,6 +28,26 @@ SUB_TEMPLATE = "{sub}"
 # Never forwarded unless an operator says otherwise: the server's own control
 # subjects, JetStream's API and internal streams, reply inboxes of other apps.
 DEFAULT_DENY = ("$SYS.>", "$JS.>", "$KV.>", "$O.>", "_INBOX.>")
+
+# Where the bridges take commands from each other and from backends (CONTROL_SUBJECT).
+DEFAULT_CONTROL_SUBJECT = "bridge.control"
+
+
+def control_patterns(control_subject: str) -> tuple[str, ...]:
+    """The control plane's subjects, denied to browsers whatever the settings say.
+
+    Threat: a browser publishing to the control plane.  The bridge's own NATS
+    connection must be allowed to publish and subscribe there (it serves the
+    plane), and a browser's publish goes out on that very connection, so NATS
+    permissions cannot tell the two apart: only this check can.  A frame
+    published to ``bridge.control.users.disconnect`` would be a trusted backend
+    command (disconnect anyone, subscribe anyone to anything); a subscription
+    there would read other people's connection ids, which are capabilities.
+    So both are refused, even to a trusted backend acting for a client, and a
+    wildcard that reaches the plane (``>``, ``bridge.*``) is filtered message by
+    message.
+    """
+    return (control_subject, f"{control_subject}.>")
 
 
 def template_error(pattern: str) -> str | None:
@@ -97,10 +118,10 @@ class Permissions:
     """
 
     sub_allow: tuple[tuple[str, ...], ...] = ((">",),)
-    sub_deny: tuple[str, ...] = DEFAULT_DENY
+    sub_deny: tuple[str, ...] = DEFAULT_DENY + control_patterns(DEFAULT_CONTROL_SUBJECT)
     token_sub_deny: tuple[str, ...] = ()
     pub_allow: tuple[tuple[str, ...], ...] = ((),)
-    pub_deny: tuple[str, ...] = DEFAULT_DENY
+    pub_deny: tuple[str, ...] = DEFAULT_DENY + control_patterns(DEFAULT_CONTROL_SUBJECT)
     token_pub_deny: tuple[str, ...] = ()
 
     def subscribe_refusal(self, pattern: str, trusted: bool = False) -> str | None:
@@ -134,7 +155,8 @@ class Permissions:
 
 @dataclass(frozen=True)
 class SubjectPolicy:
-    """The server's policy: ``SUBJECT_ALLOW``, ``SUBJECT_DENY``, ``PUBLISH_ALLOW``.
+    """The server's policy: ``SUBJECT_ALLOW``, ``SUBJECT_DENY``, ``PUBLISH_ALLOW``, and the
+    control plane (``CONTROL_SUBJECT``), which is denied on top of ``SUBJECT_DENY``.
 
     The allow lists may hold ``{sub}``; ``for_user`` resolves them for one user.
     """
@@ -142,6 +164,12 @@ class SubjectPolicy:
     allow: tuple[str, ...] = (">",)
     deny: tuple[str, ...] = DEFAULT_DENY
     publish_allow: tuple[str, ...] = ()
+    control_subject: str = DEFAULT_CONTROL_SUBJECT
+
+    @cached_property  # permits() runs per message on filtered subscriptions
+    def denied(self) -> tuple[str, ...]:
+        """What no connection may follow or publish: ``SUBJECT_DENY`` and the control plane."""
+        return self.deny + control_patterns(self.control_subject)
 
     def for_user(self, sub: str | None = None, claim: NatsClaim | None = None) -> Permissions:
         claim = claim or NatsClaim()
@@ -153,17 +181,17 @@ class SubjectPolicy:
             pub_allow.append(expand(claim.pub_allow, sub))
         return Permissions(
             sub_allow=tuple(sub_allow),
-            sub_deny=self.deny,
+            sub_deny=self.denied,
             token_sub_deny=expand(claim.sub_deny, sub),
             pub_allow=tuple(pub_allow),
-            pub_deny=self.deny,
+            pub_deny=self.denied,
             token_pub_deny=expand(claim.pub_deny, sub),
         )
 
     def needs_filter(self, pattern: str) -> bool:
         """Can ``pattern`` deliver a subject the server denies (so each must be checked)?"""
-        return any(patterns_overlap(pattern, d) for d in self.deny)
+        return any(patterns_overlap(pattern, d) for d in self.denied)
 
     def permits(self, subject: str) -> bool:
-        """Is the concrete ``subject`` outside the server's deny list?"""
-        return not any(subject_matches(d, subject) for d in self.deny)
+        """Is the concrete ``subject`` outside the server's deny list and the control plane?"""
+        return not any(subject_matches(d, subject) for d in self.denied)

@@ -7,9 +7,10 @@ from pathlib import Path
 from aiohttp import web
 
 import metrics
-import panini_workarounds
+import nats_link
+import siblings
 from access import Refused, identify, origin_allowed, refuse, refused
-from app_state import CONFIG, LINK, MANAGER, PANINI, REGISTRY
+from app_state import CONFIG, LINK, MANAGER, WORKER
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
@@ -32,21 +33,24 @@ async def stream(request: web.Request) -> web.StreamResponse:
     return await manager.serve(request, user)
 
 
-def nats_connected(web_app: web.Application) -> bool:
-    nc = panini_workarounds.nats_client(web_app[PANINI])
-    return nc is not None and nc.is_connected
-
-
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
-    if nats_connected(request.app):
-        return web.json_response({"status": "ready", "nats": "connected"})
-    return web.json_response({"status": "not ready", "nats": "disconnected"}, status=503)
+    """Ready while the NATS link is up; with several workers, only while every worker's is."""
+    nats = "connected" if nats_link.connected(request.app) else "disconnected"
+    worker = request.app[WORKER]
+    if worker.count == 1:
+        ready = nats == "connected"
+        body = {"status": "ready" if ready else "not ready", "nats": nats}
+    else:
+        ready, count = await siblings.host_readiness(request.app)
+        body = {"status": "ready" if ready else "not ready", "nats": nats,
+                "workers": {"count": worker.count, "ready": count}}
+    return web.json_response(body, status=200 if ready else 503)
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    body = metrics.render(request.app[REGISTRY])
+    body = await siblings.host_metrics(request.app)
     return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})

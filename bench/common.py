@@ -109,3 +109,41 @@ def proc_status_kib(pid: int, key: str) -> int:
             if line.startswith(key + ":"):
                 return int(line.split()[1])
     raise KeyError(key)
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a WORKERS=N bridge is a supervisor and N workers)."""
+    pids, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        pids.append(current)
+        try:
+            with open(f"/proc/{current}/task/{current}/children") as f:
+                todo.extend(int(child) for child in f.read().split())
+        except OSError:
+            pass
+    return pids
+
+
+def tree_cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) summed over ``pid`` and its descendants, in seconds."""
+    user = system = 0.0
+    for member in process_tree(pid):
+        try:
+            u, s = proc_cpu_split(member)
+        except OSError:
+            continue  # it exited meanwhile
+        user, system = user + u, system + s
+    return user, system
+
+
+def tree_status_kib(pid: int, key: str) -> int:
+    """A /proc status ``kB`` value summed over ``pid`` and its descendants (each process's own,
+    so summed VmHWM is each one's peak added up, not the peak of the sum)."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            total += proc_status_kib(member, key)
+        except (OSError, KeyError):
+            continue
+    return total

@@ -13,7 +13,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
-from bench.common import HIST_SIZE, percentile, proc_cpu, proc_cpu_split, proc_status_kib
+from bench.common import HIST_SIZE, percentile, proc_cpu, tree_cpu_split, tree_status_kib
 from bench.loadclient import ClientSpec, Stats, worker_main
 from bench.publisher import PublishPlan, PublishResult, publisher_main
 from bench.servers import BridgeProcess, NatsServer
@@ -48,6 +48,7 @@ class Case:
     # A JetStream stream stores the subjects: the bridge follows them through its
     # live feed (messages with sequences) instead of a core subscription.
     stored: bool = False
+    workers: int = 1  # the bridge's WORKERS
 
 
 @dataclass
@@ -65,7 +66,7 @@ class Row:
     p50_us: int | None = None
     p99_us: int | None = None
     max_us: int | None = None
-    server_cpu: float = 0.0  # serving process, publish start -> drain end
+    server_cpu: float = 0.0  # serving process (all its workers), publish start -> drain end
     server_sys: float = 0.0  # the kernel part of server_cpu
     aux_cpu: float = 0.0  # nats-server behind the bridge, same window
     loadgen_cpu: float = 0.0  # load clients + publisher, same window
@@ -232,7 +233,8 @@ def expected_per_subject(subjects: list[str], messages: int) -> dict[str, int]:
 def run_case(case: Case, workdir: Path, bridge_args: list[str], profile: str | None = None) -> Row:
     """Run one case from scratch and measure it.  Raises HarnessError if the harness breaks."""
     row = Row(case=case)
-    name = f"{case.workload}-{case.target}" + (f"-{case.label}" if case.label else "")
+    name = (f"{case.workload}-{case.target}" + (f"-w{case.workers}" if case.workers > 1 else "")
+            + (f"-{case.label}" if case.label else ""))
     nats = NatsServer(workdir, name, jetstream=case.stored)
     bridge: BridgeProcess | None = None
     pool: LoadPool | None = None
@@ -244,14 +246,15 @@ def run_case(case: Case, workdir: Path, bridge_args: list[str], profile: str | N
             create_stream(nats.url, case.subjects)
         if case.target == "bridge":
             # Room for every client (as an env var, so a flag in bridge_args still wins).
-            env = {"MAX_CONNECTIONS": str(max(10_000, case.clients + 100))}
+            env = {"MAX_CONNECTIONS": str(max(10_000, case.clients + 100)), "WORKERS": str(case.workers)}
             bridge = BridgeProcess(workdir, name, nats.url, bridge_args, env).start()
             serving, url = bridge.pid, bridge.ws_url
         else:
             serving, url = nats.pid, nats.ws_url
         pool = LoadPool(case, url)
         publisher = Publisher(PublishPlan(nats.url, case.subjects, case.messages, case.rate))
-        row.rss_before_kib = proc_status_kib(serving, "VmRSS")
+        # Summed over the process tree: the bridge's workers are its children.
+        row.rss_before_kib = tree_status_kib(serving, "VmRSS")
 
         ready: list[Stats] = pool.request(("connect",), "ready", case.connect_timeout + 30)
         row.connected = sum(s.connected for s in ready)
@@ -263,12 +266,12 @@ def run_case(case: Case, workdir: Path, bridge_args: list[str], profile: str | N
             raise HarnessError(f"{name}: no client could connect: {row.errors[:3]}")
         if case.settle:
             time.sleep(case.settle)
-        row.rss_connected_kib = proc_status_kib(serving, "VmRSS")
+        row.rss_connected_kib = tree_status_kib(serving, "VmRSS")
 
         if profile and bridge is not None:
             spy = start_py_spy(profile, workdir / f"{name}.svg", serving)
 
-        user0, sys0 = proc_cpu_split(serving)
+        user0, sys0 = tree_cpu_split(serving)
         aux0 = proc_cpu(nats.pid) if bridge is not None else 0.0
         busy0 = system_busy_seconds()
         t0 = time.monotonic()
@@ -282,7 +285,7 @@ def run_case(case: Case, workdir: Path, bridge_args: list[str], profile: str | N
             ("drain", expected, case.quiet, case.hard), "result", case.hard + case.quiet + 60
         )
         t1 = time.monotonic()
-        user1, sys1 = proc_cpu_split(serving)
+        user1, sys1 = tree_cpu_split(serving)
         row.server_cpu = user1 + sys1 - user0 - sys0
         row.server_sys = sys1 - sys0
         row.aux_cpu = (proc_cpu(nats.pid) - aux0) if bridge is not None else 0.0
@@ -290,7 +293,7 @@ def run_case(case: Case, workdir: Path, bridge_args: list[str], profile: str | N
         row.loadgen_sys = sum(s.sys_seconds for s in results)
         row.system_busy = system_busy_seconds() - busy0
         row.window = t1 - t0
-        row.peak_rss_kib = proc_status_kib(serving, "VmHWM")
+        row.peak_rss_kib = tree_status_kib(serving, "VmHWM")
         if spy is not None:
             stop_py_spy(spy)
             spy = None

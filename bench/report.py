@@ -17,6 +17,7 @@ class W5Result:
     target: str
     steps: list[Row]
     best: Row | None
+    workers: int = 1
 
 
 def ms(us: int | None) -> str:
@@ -103,9 +104,9 @@ def table(rows: Sequence[tuple[str, Row]]) -> str:
 
 def w5_table(results: Sequence[W5Result]) -> str:
     lines = [
-        "| Target | Rate msg/s | Deliveries/s | Delivered / expected | Order | p99 ms | max ms "
+        "| Target | Workers | Rate msg/s | Deliveries/s | Delivered / expected | Order | p99 ms | max ms "
         "| CPU µs/msg | Load-gen cores | Verdict |",
-        "|---|--:|--:|--:|---|--:|--:|--:|--:|---|",
+        "|---|--:|--:|--:|--:|---|--:|--:|--:|--:|---|",
     ]
     for res in results:
         for row in res.steps:
@@ -114,10 +115,40 @@ def w5_table(results: Sequence[W5Result]) -> str:
             verdict = "pass" if w5_pass(row) else "FAIL"
             cpu = f"{row.cpu_us_per_msg:.1f}" if row.cpu_us_per_msg is not None else "–"
             lines.append(
-                f"| {c.target} | {c.rate:g} | {rate:,.0f} | {row.delivered:,} / {row.expected:,} "
+                f"| {c.target} | {c.workers} | {c.rate:g} | {rate:,.0f} "
+                f"| {row.delivered:,} / {row.expected:,} "
                 f"| {'ok' if row.in_order else row.out_of_order} | {ms(row.p99_us)} | {ms(row.max_us)} "
                 f"| {cpu} | {row.loadgen_cpu / row.window if row.window else 0:.2f} | {verdict} |"
             )
+    return "\n".join(lines)
+
+
+def _cores(cpu_seconds: float, row: Row) -> str:
+    return f"{cpu_seconds / row.window:.2f}" if row.window else "–"
+
+
+def scaling_table(results: Sequence[W5Result]) -> str:
+    """The W5 ceilings per WORKERS, in the shape of Centrifugo's benchmark tables."""
+    lines = [
+        "| Bridge processes (WORKERS) | Connections | Connections per process | Deliveries/s (zero loss) "
+        "| p99 latency ms | KiB per connection | Bridge CPU cores | Load-gen cores |",
+        "|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for res in results:
+        if res.target != "bridge":
+            continue
+        row = res.best
+        if row is None:
+            lines.append(f"| {res.workers} | – | – | none passed | – | – | – | – |")
+            continue
+        c = row.case
+        rate = row.delivered / row.publish_seconds if row.publish_seconds else 0.0
+        per = rss_per_conn_kib(row)
+        lines.append(
+            f"| {c.workers} | {row.connected:,} | {row.connected / c.workers:,.0f} | {rate:,.0f} "
+            f"| {ms(row.p99_us)} | {f'{per:.1f}' if per is not None else '–'} "
+            f"| {_cores(row.server_cpu, row)} | {_cores(row.loadgen_cpu, row)} |"
+        )
     return "\n".join(lines)
 
 
@@ -265,6 +296,14 @@ How to read it:
 """
 
 
+SCALING_NOTE = """\
+The best rate each bridge configuration sustained with zero loss (W5: every step's rule),
+as deliveries per second; *KiB per connection* is the bridge's RSS growth (all its
+processes) over its connections at that step; *cores* are CPU seconds per second over the
+step. The load clients run on the same cores as the bridge: a second worker process can
+only take cores the load generator is not already using."""
+
+
 def busy_warning(rows: Sequence[tuple[str, Row]]) -> str | None:
     """A sentence when the machine was doing other work during the run."""
     worst = max((other_cores(r) for _, r in rows), default=0.0)
@@ -285,6 +324,7 @@ def render(header_lines: list[str], rows: Sequence[tuple[str, Row]], w5: Sequenc
         parts += [warning, ""]
     parts += [table(rows), ""]
     if w5:
+        parts += ["## W5 ceiling by WORKERS", "", scaling_table(w5), "", SCALING_NOTE, ""]
         parts += ["## W5 ceiling search", "", w5_table(w5), ""]
     checks = target_check(rows)
     if checks:

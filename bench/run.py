@@ -3,6 +3,7 @@
     .venv/bin/python bench/run.py                      # everything (several minutes)
     .venv/bin/python bench/run.py --workloads W1,W2    # some workloads
     .venv/bin/python bench/run.py --smoke              # seconds-long version, for CI
+    .venv/bin/python bench/run.py --workloads W5 --workers 1,2   # the ceiling with WORKERS=1 and 2
 
 Workloads (full size):
   W1 fan-out   1000 clients, one subject, 100 msg/s for 10 s
@@ -10,7 +11,7 @@ Workloads (full size):
   W3 burst     100 clients, 5000 messages as fast as the publisher can
   W4 scale     10 000 idle connections over 100 subjects (RSS/conn, conn/s), then 3 msgs/subject
   W5 ceiling   the highest rate with zero loss (and p99 ≤ 1 s) at 1000 clients (×2 steps, then
-               bisection)
+               bisection), once per --workers value (the bridge's WORKERS; default 1 and 2)
 
 W1–W4 run against the bridge and, as the reference, nats-server's WebSocket listener.
 Exit status: 0 when the harness worked (whatever the numbers), 1 when it broke
@@ -37,7 +38,15 @@ if str(ROOT) not in sys.path:
 
 from bench.common import raise_nofile  # noqa: E402
 from bench.harness import Case, HarnessError, Row, run_case  # noqa: E402
-from bench.report import W5Result, machine_lines, render, table, w5_pass, w5_table  # noqa: E402
+from bench.report import (  # noqa: E402
+    W5Result,
+    machine_lines,
+    render,
+    scaling_table,
+    table,
+    w5_pass,
+    w5_table,
+)
 
 WORKLOADS = ("W1", "W2", "W3", "W4", "W5")
 FLUSH_DELAY_LABEL = "FLUSH_DELAY=0.05"
@@ -82,17 +91,17 @@ def make_case(workload: str, target: str, cfg: dict, smoke: bool, load: dict, **
 
 
 def run_w5(target: str, cfg: dict, smoke: bool, load: dict, workdir: Path, bridge_args: list[str],
-           log: list[str]) -> W5Result:
+           log: list[str], workers: int = 1) -> W5Result:
     steps: list[Row] = []
 
     def step(rate: int) -> bool:
         case = make_case("W5", target, cfg, smoke, load, rate=float(rate),
                          messages=max(1, int(rate * cfg["seconds"])), quiet=2.0, hard=2.0,
-                         label=f"{rate}")
+                         label=f"{rate}", workers=workers)
         row = run_case(case, workdir, bridge_args)
         steps.append(row)
         ok = w5_pass(row)
-        print(f"  W5 {target} {rate} msg/s: {row.delivered:,}/{row.expected:,} "
+        print(f"  W5 {target} WORKERS={workers} {rate} msg/s: {row.delivered:,}/{row.expected:,} "
               f"p99 {row.p99_us} µs -> {'pass' if ok else 'FAIL'}", flush=True)
         return ok
 
@@ -117,8 +126,8 @@ def run_w5(target: str, cfg: dict, smoke: bool, load: dict, workdir: Path, bridg
                 fail = mid
     best_row = next((r for r in steps if r.case.rate == best), None) if best is not None else None
     if best is None:
-        log.append(f"W5 {target}: even {cfg['start']} msg/s failed")
-    return W5Result(target=target, steps=steps, best=best_row)
+        log.append(f"W5 {target} WORKERS={workers}: even {cfg['start']} msg/s failed")
+    return W5Result(target=target, steps=steps, best=best_row, workers=workers)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -130,6 +139,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="comma-separated subset of bridge,nats (default both; W5 is bridge only "
                    "unless --w5-reference)")
     p.add_argument("--w5-reference", action="store_true", help="also search nats-server's W5 ceiling")
+    p.add_argument("--workers", default="1,2",
+                   help="comma-separated WORKERS values for the bridge's W5 ceiling (default 1,2: "
+                   "one process, then two sharing the port); W1-W4 always run one")
     p.add_argument("--smoke", action="store_true",
                    help="seconds-long version of every workload with a few clients (for CI)")
     p.add_argument("--out", type=Path, default=None,
@@ -154,6 +166,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = [w for w in args.workloads if w not in WORKLOADS]
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     bad += [t for t in args.targets if t not in ("bridge", "nats")]
+    try:
+        args.workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    except ValueError:
+        p.error(f"--workers: expected whole numbers like 1,2, got {args.workers!r}")
+    if not args.workers or min(args.workers) < 1:
+        p.error("--workers: expected whole numbers >= 1")
     if bad or not args.workloads or not args.targets:
         p.error(f"unknown or empty selection: {bad}")
     if args.out is None:
@@ -206,20 +224,23 @@ def main(argv: list[str] | None = None) -> int:
     for workload in args.workloads:
         cfg = cfgs[workload]
         if workload == "W5":
-            targets = [t for t in ("bridge", "nats") if t in args.targets
-                       and (t == "bridge" or args.w5_reference)]
-            for target in targets:
-                print(f"bench: W5 {target} ...", flush=True)
+            runs = [("bridge", n) for n in args.workers] if "bridge" in args.targets else []
+            if "nats" in args.targets and args.w5_reference:
+                runs.append(("nats", 1))
+            for target, workers in runs:
+                what = f"W5 {target}" + (f" WORKERS={workers}" if target == "bridge" else "")
+                print(f"bench: {what} ...", flush=True)
                 try:
-                    res = run_w5(target, cfg, args.smoke, load, workdir, bridge_args, errors)
+                    res = run_w5(target, cfg, args.smoke, load, workdir, bridge_args, errors, workers)
                 except Exception as exc:
-                    errors.append(f"W5 {target}: {exc}")
-                    print(f"bench: W5 {target} FAILED: {exc}", file=sys.stderr, flush=True)
+                    errors.append(f"{what}: {exc}")
+                    print(f"bench: {what} FAILED: {exc}", file=sys.stderr, flush=True)
                     continue
                 w5.append(res)
                 summary = res.best or (res.steps[0] if res.steps else None)
                 if summary is not None:
-                    label = f"W5 @{summary.case.rate:g}/s" if res.best else "W5 (no pass)"
+                    variant = f" WORKERS={workers}" if workers > 1 else ""
+                    label = f"W5{variant} @{summary.case.rate:g}/s" if res.best else f"W5{variant} (no pass)"
                     rows.append((label, summary))
             continue
         for target in [t for t in ("bridge", "nats") if t in args.targets]:
@@ -279,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(rows))
     if w5:
+        print()
+        print(scaling_table(w5))
         print()
         print(w5_table(w5))
     print()

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from schema_check import validate_server_frame  # noqa: E402
 
 import main  # noqa: E402
+from permissions import DEFAULT_CONTROL_SUBJECT  # noqa: E402
 
 TIMEOUT = 10.0
 
@@ -108,15 +109,20 @@ class NatsServer:
         with urllib.request.urlopen(self.monitor_url + path, timeout=5) as resp:
             return json.load(resp)
 
-    def subscriptions_of(self, client_name_prefix: str) -> list[str]:
-        """Subjects nats-server itself says the named client holds (from /connz), leaving out
-        the bridge's own request inbox (``_INBOX.<id>.*``, for its JetStream API calls)."""
+    def subscriptions_of(self, client_name_prefix: str, control_plane: bool = False) -> list[str]:
+        """Subjects nats-server itself says the named client holds (from /connz): the
+        browsers' subscriptions, leaving out the bridge's own request inbox
+        (``_INBOX.<id>.*``, for its JetStream API calls) and, unless ``control_plane``,
+        its subscriptions under the default CONTROL_SUBJECT."""
         connz = self.monitor("/connz?subs=detail&limit=1000")
         subs: list[str] = []
         for conn in connz.get("connections") or []:
             if conn.get("name", "").startswith(client_name_prefix):
                 subs.extend(s["subject"] for s in conn.get("subscriptions_list_detail") or []
                             if not (s["subject"].startswith("_INBOX.") and s["subject"].endswith(".*")))
+        if not control_plane:
+            subs = [s for s in subs if not s.startswith(f"{DEFAULT_CONTROL_SUBJECT}.")]
+        return subs
         return subs
 
 
@@ -133,6 +139,50 @@ async def nc(nats_server: NatsServer) -> AsyncIterator[nats.NATS]:
     yield client
     with suppress(Exception):
         await asyncio.wait_for(client.close(), TIMEOUT)
+
+
+async def stop(server: NatsServer) -> None:
+    await asyncio.wait_for(asyncio.to_thread(server.stop), 30)
+
+
+async def start(server: NatsServer) -> None:
+    await asyncio.wait_for(asyncio.to_thread(server.start), 30)
+
+
+# ---------------------------------------------------------------------------
+# A three-node NATS cluster on loopback
+# ---------------------------------------------------------------------------
+
+
+def cluster_nodes() -> list[NatsServer]:
+    route_ports = [free_port() for _ in range(3)]
+    nodes = []
+    for i, port in enumerate(route_ports):
+        routes = ",".join(f"nats://127.0.0.1:{p}" for j, p in enumerate(route_ports) if j != i)
+        nodes.append(NatsServer(extra_args=[
+            "--cluster", f"nats://127.0.0.1:{port}",
+            "--routes", routes,
+            "--cluster_name", "test",
+            "--name", f"node{i}",
+        ]))
+    return nodes
+
+
+def routed_peers(node: NatsServer) -> set[str]:
+    return {r["remote_id"] for r in node.monitor("/routez").get("routes") or []}
+
+
+@pytest_asyncio.fixture
+async def cluster() -> AsyncIterator[list[NatsServer]]:
+    nodes = cluster_nodes()
+    try:
+        for node in nodes:
+            await start(node)
+        await eventually(lambda: all(len(routed_peers(n)) == 2 for n in nodes), timeout=20)
+        yield nodes
+    finally:
+        for node in nodes:
+            await stop(node)
 
 
 # ---------------------------------------------------------------------------
@@ -158,6 +208,10 @@ class Bridge:
     @property
     def manager(self) -> Any:
         return self.app.http_server.web_app[main.MANAGER]
+
+    @property
+    def plane(self) -> Any:
+        return self.app.http_server.web_app[main.PLANE]
 
 
 @asynccontextmanager

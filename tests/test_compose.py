@@ -1,16 +1,19 @@
-"""docker-compose.yml and the Dockerfile, checked without a Docker engine.
+"""docker-compose.yml, docker-compose.cluster.yml and the Dockerfile, checked without a Docker engine.
 
 No engine runs here, so `docker compose up` cannot.  Instead the files are read
 and their wiring checked against the app itself, and the bridge is started the
 way the container would start it: the Dockerfile's CMD, run in a directory that
 holds only what the Dockerfile COPYs, with the Dockerfile's ENV and the compose
 ``environment`` (service host names mapped to loopback, container ports to the
-test's ports), against the session's real nats-server.
+test's ports), against the session's real nats-server; the cluster file's two
+replicas likewise against a real three-node cluster, and its nginx config is read
+for what a WebSocket needs.
 """
 
 from __future__ import annotations
 
 import ast
+import asyncio
 import fnmatch
 import glob
 import json
@@ -21,6 +24,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +39,7 @@ from conftest import ROOT, BridgeProcess, NatsServer, free_port, wait_for_port
 import main
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+CLUSTER_FILE = ROOT / "docker-compose.cluster.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 NATS_CLIENT_PORT = 4222
@@ -146,45 +152,45 @@ def healthcheck_command() -> list[str]:
     return parsed
 
 
-def compose() -> dict[str, Any]:
-    return yaml.safe_load(COMPOSE_FILE.read_text())
+def compose(file: Path = COMPOSE_FILE) -> dict[str, Any]:
+    return yaml.safe_load(file.read_text())
 
 
-def service(name: str) -> dict[str, Any]:
-    services = compose()["services"]
-    assert name in services, f"docker-compose.yml has no {name!r} service"
+def service(name: str, file: Path = COMPOSE_FILE) -> dict[str, Any]:
+    services = compose(file)["services"]
+    assert name in services, f"{file.name} has no {name!r} service"
     return services[name]
 
 
-def compose_environment(name: str) -> dict[str, str]:
-    env = service(name).get("environment") or {}
+def compose_environment(name: str, file: Path = COMPOSE_FILE) -> dict[str, str]:
+    env = service(name, file).get("environment") or {}
     if isinstance(env, list):
         env = dict(item.split("=", 1) for item in env)
     return {key: str(value) for key, value in env.items()}
 
 
-def compose_healthcheck(name: str) -> list[str]:
-    test = service(name).get("healthcheck", {}).get("test")
+def compose_healthcheck(name: str, file: Path = COMPOSE_FILE) -> list[str]:
+    test = service(name, file).get("healthcheck", {}).get("test")
     assert test, f"the {name} service has no healthcheck"
     if isinstance(test, str):
         return ["CMD-SHELL", test]
     return list(test)
 
 
-def container_env() -> dict[str, str]:
-    """The bridge container's environment: the image's ENV, then compose's."""
-    return {**dockerfile_env(), **compose_environment("bridge")}
+def container_env(name: str = "bridge", file: Path = COMPOSE_FILE) -> dict[str, str]:
+    """A bridge container's environment: the image's ENV, then compose's."""
+    return {**dockerfile_env(), **compose_environment(name, file)}
 
 
-def app_port() -> int:
+def app_port(name: str = "bridge", file: Path = COMPOSE_FILE) -> int:
     """The port the app listens on inside the container (what load_config resolves)."""
-    return main.load_config([], container_env()).http_port
+    return main.load_config([], container_env(name, file)).http_port
 
 
-def published_ports(name: str) -> list[tuple[int, int]]:
+def published_ports(name: str, file: Path = COMPOSE_FILE) -> list[tuple[int, int]]:
     """(host port, container port) pairs of a service's `ports`."""
     pairs = []
-    for entry in service(name).get("ports") or []:
+    for entry in service(name, file).get("ports") or []:
         if isinstance(entry, dict):
             pairs.append((int(entry["published"]), int(entry["target"])))
             continue
@@ -207,10 +213,10 @@ def app_routes() -> set[tuple[str, str]]:
     }
 
 
-def nats_service_names() -> list[str]:
+def nats_service_names(file: Path = COMPOSE_FILE) -> list[str]:
     return [
         name
-        for name, svc in compose()["services"].items()
+        for name, svc in compose(file)["services"].items()
         if str(svc.get("image", "")).split(":")[0] in ("nats", "library/nats", "docker.io/library/nats")
     ]
 
@@ -574,3 +580,240 @@ def test_bridge_run_like_the_container_exits_0_on_sigterm(nats_server: NatsServe
     bridge = start_like_the_container(nats_server, tmp_path)
     code, out = bridge.stop(signal.SIGTERM, timeout=20)
     assert code == 0, out
+
+
+# ---------------------------------------------------------------------------
+# docker-compose.cluster.yml: three NATS nodes, two bridge replicas, nginx in front
+# ---------------------------------------------------------------------------
+
+NGINX_CONF = ROOT / "deploy" / "nginx.conf"
+NATS_ROUTE_PORT = 6222
+LB_HOST_PORT = 5001
+
+
+def cluster_nats() -> list[str]:
+    return nats_service_names(CLUSTER_FILE)
+
+
+def cluster_bridges() -> list[str]:
+    return [name for name, svc in compose(CLUSTER_FILE)["services"].items() if "build" in svc]
+
+
+def nats_flags(name: str) -> dict[str, str]:
+    """A NATS service's command as {flag: value} (value "" for a flag alone)."""
+    command = service(name, CLUSTER_FILE)["command"]
+    words = command if isinstance(command, list) else shlex.split(command)
+    flags: dict[str, str] = {}
+    for i, word in enumerate(words):
+        if word.startswith("-"):
+            following = words[i + 1] if i + 1 < len(words) else ""
+            flags[word] = "" if following.startswith("-") else following
+    return flags
+
+
+def conditions(depends: dict[str, Any]) -> dict[str, str]:
+    return {name: d["condition"] for name, d in depends.items()}
+
+
+def lb() -> dict[str, Any]:
+    services = compose(CLUSTER_FILE)["services"]
+    found = [name for name, svc in services.items() if str(svc.get("image", "")).startswith("nginx:")]
+    assert len(found) == 1, found
+    return services[found[0]]
+
+
+def nginx() -> str:
+    """deploy/nginx.conf without comments."""
+    return "\n".join(line.split("#", 1)[0] for line in NGINX_CONF.read_text().splitlines())
+
+
+def nginx_directives(name: str) -> list[str]:
+    return [m.strip() for m in re.findall(rf"^\s*{re.escape(name)}\s+([^;]*);", nginx(), re.M)]
+
+
+def test_cluster_has_three_nats_nodes_on_a_pinned_official_image_with_a_shell():
+    assert len(cluster_nats()) == 3, cluster_nats()
+    for name in cluster_nats():
+        image = service(name, CLUSTER_FILE)["image"]
+        assert re.fullmatch(r"nats:2(\.\d+){0,2}-alpine[\d.]*", image), image
+
+
+def test_cluster_nats_nodes_run_jetstream_each_with_its_own_name_and_store():
+    names, stores = set(), set()
+    for name in cluster_nats():
+        flags = nats_flags(name)
+        assert {"-js", "--js", "--jetstream"} & set(flags), flags
+        names.add(flags.get("--name") or flags.get("--server_name") or flags.get("-n"))
+        store = flags.get("-sd") or flags.get("--store_dir")
+        volumes = service(name, CLUSTER_FILE).get("volumes") or []
+        assert any(str(v).endswith(f":{store}") for v in volumes), (name, store, volumes)
+        stores.update(str(v).split(":")[0] for v in volumes)
+    assert len(names) == 3 and None not in names, names
+    assert len(stores) == 3, stores  # JetStream nodes never share a store
+
+
+def test_cluster_nats_nodes_form_one_cluster_routed_to_each_other():
+    nodes = set(cluster_nats())
+    for name in nodes:
+        flags = nats_flags(name)
+        assert flags.get("--cluster_name") == nats_flags(sorted(nodes)[0]).get("--cluster_name") != None  # noqa: E711
+        assert urlsplit(flags["--cluster"]).port == NATS_ROUTE_PORT, flags
+        routes = {urlsplit(u) for u in flags["--routes"].split(",")}
+        others = {(n, NATS_ROUTE_PORT) for n in nodes - {name}}
+        assert {(r.hostname, r.port) for r in routes} >= others, routes
+        assert not {"-p", "--port"} & set(flags), "the client port must stay 4222"
+
+
+def test_cluster_nats_healthchecks_ask_their_monitoring_endpoint():
+    for name in cluster_nats():
+        command = compose_healthcheck(name, CLUSTER_FILE)
+        assert command[:2] == ["CMD", "wget"], command
+        assert f"127.0.0.1:{nats_flags(name)['-m']}/healthz" in " ".join(command), command
+
+
+def test_cluster_has_at_least_two_bridge_replicas_built_from_the_repository_dockerfile():
+    bridges = cluster_bridges()
+    assert len(bridges) >= 2, bridges
+    for name in bridges:
+        build = service(name, CLUSTER_FILE)["build"]
+        context = build if isinstance(build, str) else build.get("context", ".")
+        dockerfile_name = "Dockerfile" if isinstance(build, str) else build.get("dockerfile", "Dockerfile")
+        assert (CLUSTER_FILE.parent / context / dockerfile_name).resolve() == DOCKERFILE.resolve()
+
+
+def test_cluster_bridges_list_every_nats_node_so_they_fail_over():
+    for name in cluster_bridges():
+        urls = [urlsplit(u) for u in compose_environment(name, CLUSTER_FILE)["NATS_URL"].split(",")]
+        assert {(u.scheme, u.hostname, u.port) for u in urls} == {
+            ("nats", n, NATS_CLIENT_PORT) for n in cluster_nats()
+        }, urls
+
+
+def test_cluster_bridges_wait_for_every_nats_node_to_be_healthy():
+    for name in cluster_bridges():
+        depends = service(name, CLUSTER_FILE)["depends_on"]
+        assert conditions(depends) == {n: "service_healthy" for n in cluster_nats()}
+
+
+def test_cluster_bridges_share_one_control_plane():
+    subjects = {main.load_config([], container_env(name, CLUSTER_FILE)).control_subject
+                for name in cluster_bridges()}
+    assert len(subjects) == 1, subjects
+
+
+def test_cluster_has_one_test_stream_not_one_per_replica():
+    intervals = [main.load_config([], container_env(name, CLUSTER_FILE)).test_publish_interval
+                 for name in cluster_bridges()]
+    assert sum(1 for i in intervals if i > 0) == 1, intervals
+
+
+def test_cluster_bridges_listen_on_all_interfaces_and_are_reached_only_through_the_balancer():
+    for name in cluster_bridges():
+        assert main.load_config([], container_env(name, CLUSTER_FILE)).http_host == "0.0.0.0"
+        assert not service(name, CLUSTER_FILE).get("ports"), f"{name} is published past the balancer"
+
+
+def test_cluster_bridge_healthchecks_ask_healthz_on_the_app_port():
+    for name in cluster_bridges():
+        command = compose_healthcheck(name, CLUSTER_FILE)
+        assert command[0] == "CMD" and url_paths(command) == ["/healthz"], command
+
+
+def test_cluster_balancer_is_a_pinned_official_nginx_serving_port_5001():
+    assert re.fullmatch(r"nginx:1\.\d+(\.\d+)?(-alpine[\d.]*)?", lb()["image"]), lb()["image"]
+    listen = {int(v.split()[0]) for v in nginx_directives("listen")}
+    published = [(int(str(p).split(":")[-2]), int(str(p).split(":")[-1])) for p in lb()["ports"]]
+    assert any(host == LB_HOST_PORT and container in listen for host, container in published), published
+
+
+def test_cluster_balancer_mounts_the_repository_nginx_conf_over_the_default_one():
+    mounts = [str(v).split(":") for v in lb()["volumes"]]
+    assert any((CLUSTER_FILE.parent / m[0]).resolve() == NGINX_CONF.resolve()
+               and m[1] == "/etc/nginx/conf.d/default.conf" for m in mounts), mounts
+
+
+def test_cluster_balancer_waits_for_healthy_bridges():
+    assert conditions(lb()["depends_on"]) == {n: "service_healthy" for n in cluster_bridges()}
+
+
+def test_nginx_upstream_is_every_bridge_replica_on_its_app_port():
+    block = re.search(r"upstream\s+\w+\s*\{([^}]*)\}", nginx())
+    assert block, nginx()
+    servers = {m.split()[0] for m in re.findall(r"^\s*server\s+([^;]*);", block.group(1), re.M)}
+    assert servers == {f"{name}:{app_port(name, CLUSTER_FILE)}" for name in cluster_bridges()}, servers
+    upstream = re.search(r"upstream\s+(\w+)", nginx())
+    assert upstream and f"http://{upstream.group(1)}" in nginx_directives("proxy_pass")
+
+
+def test_nginx_passes_websocket_upgrades():
+    headers = {tuple(v.split(None, 1)) for v in nginx_directives("proxy_set_header")}
+    assert nginx_directives("proxy_http_version") == ["1.1"]
+    assert ("Upgrade", "$http_upgrade") in headers
+    connection = dict(headers)["Connection"]
+    assert connection == "upgrade" or re.search(rf"map\s+\$http_upgrade\s+{re.escape(connection)}", nginx())
+
+
+def test_nginx_keeps_the_browsers_host_so_the_pages_origin_is_accepted():
+    # The bridge lets a page connect when Origin matches Host; "bridges" would not.
+    assert ("Host", "$http_host") in {tuple(v.split(None, 1)) for v in nginx_directives("proxy_set_header")}
+
+
+def test_nginx_keeps_quiet_websockets_open_past_the_ping_interval():
+    ping = main.Config().ping_interval
+    (timeout,) = nginx_directives("proxy_read_timeout")
+    seconds = int(timeout[:-1]) * {"s": 1, "m": 60, "h": 3600}[timeout[-1]] if timeout[-1].isalpha() \
+        else int(timeout)
+    assert seconds > ping, timeout
+
+
+def test_cluster_services_restart_unless_stopped():
+    for name in compose(CLUSTER_FILE)["services"]:
+        assert service(name, CLUSTER_FILE).get("restart") == "unless-stopped", name
+
+
+def start_cluster_replica(name: str, nodes: list[NatsServer], root: Path) -> BridgeProcess:
+    """A replica of the cluster file, run like its container: NATS service names → the nodes' ports."""
+    workdir = workdir_of(root / name)
+    workdir.mkdir(parents=True)
+    stage_image_files(workdir)
+    ports = {svc: {NATS_CLIENT_PORT: node.port} for svc, node in zip(cluster_nats(), nodes, strict=True)}
+    env = {key: ",".join(local_url(v, ports) for v in value.split(",")) if "://" in value else value
+           for key, value in container_env(name, CLUSTER_FILE).items() if key != "PATH"}
+    port = free_port()
+    env.update(HTTP_PORT=str(port), PATH=os.environ.get("PATH", ""))
+    command = service(name, CLUSTER_FILE).get("command") or last("CMD").exec_form()
+    proc = subprocess.Popen(local_command(command), cwd=workdir, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    bridge = BridgeProcess(proc=proc, port=port)
+    wait_for_port(port, timeout=30, proc=proc)
+    return bridge
+
+
+async def test_cluster_replicas_run_like_their_containers_share_the_control_plane(
+    cluster: list[NatsServer], tmp_path: Path, ws_factory: Any
+) -> None:
+    first, second = (start_cluster_replica(name, cluster, tmp_path) for name in cluster_bridges()[:2])
+    try:
+        client = await ws_factory(first.http_url.replace("http", "ws", 1) + "/stream")
+        status = 0
+        for _ in range(50):  # until the second replica has heard the first one announce itself
+            status = (await asyncio.to_thread(post_json, f"{second.http_url}/clients/{client.connection_id}",
+                                              {"subjects": [main.TEST_SUBJECT]}))
+            if status == 200:
+                break
+            await asyncio.sleep(0.2)
+        assert status == 200
+        frame = await client.receive_message(timeout=LIVE_MESSAGE_TIMEOUT)
+        assert frame["subject"] == main.TEST_SUBJECT
+    finally:
+        for bridge in (first, second):
+            bridge.stop(signal.SIGTERM, timeout=20)
+
+
+def post_json(url: str, body: Any) -> int:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code

@@ -9,6 +9,7 @@ or a dialog fails the test that opened it.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ import pytest
 import pytest_asyncio
 from conftest import ROOT, NatsServer, free_port
 
+import feed
 import main
 
 CHROMIUM = shutil.which("chromium")
@@ -546,7 +548,7 @@ async def test_publish_box(nats_server: Any, bridge_factory: Any, nc: Any, open_
     await expect(page.locator("#publish-kind")).to_have_text("sent as JSON object")
     await page.get_by_role("button", name="Publish").click()
     msg = await on_nats.next_msg(timeout=TIMEOUT_MS / 1000)
-    assert main.json.loads(msg.data) == {"n": 1}
+    assert json.loads(msg.data) == {"n": 1}
     await expect(status).to_have_text("Published to chat.room")
     await expect(status).to_have_attribute("data-tone", "ok")
     await expect(rows(page, "chat.room").first.locator("pre")).to_have_text('{"n": 1}')
@@ -618,14 +620,14 @@ async def test_screenshot_for_the_readme(bridge: Any, nc: Any, open_page: OpenPa
     await subscribe_with_button(page, "orders.> sensors.*.temperature")
 
     await publish_until_seen(nc, rows(page, "test.subject"), "test.subject",
-                             main.json.dumps(main.test_message()).encode())
+                             json.dumps(feed.test_message()).encode())
     await publish_until_seen(nc, rows(page, "orders.created"), "orders.created",
                              b'{"order": 1042, "customer": "Ada", "total": 31.5, "items": 3}')
     await publish_until_seen(nc, rows(page, "sensors.kitchen.temperature"), "sensors.kitchen.temperature",
                              b"21.4")
     await publish(nc, "orders.shipped", b"order 1042 left the warehouse", headers={"Trace-Id": "7f3a9c"})
     await publish(nc, "orders.audit", bytes(range(250, 256)) + b"\x00\x01binary")
-    await publish(nc, "test.subject", main.json.dumps(main.test_message()).encode())
+    await publish(nc, "test.subject", json.dumps(feed.test_message()).encode())
     await expect(page.locator("#messages > li")).to_have_count(6)
     await asyncio.sleep(1.1)  # one tick of the rate
     await page.get_by_label("Subject", exact=True).blur()

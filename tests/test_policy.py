@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from conftest import TIMEOUT, publish
 
+from config import ConfigError, load_config
 from permissions import DEFAULT_DENY, SubjectPolicy
 from subjects import pattern_within, patterns_overlap, subject_matches
 
@@ -222,6 +223,59 @@ def test_allow_list_policy_refuses_broad_pattern_reaching_beyond_it(pattern):
 @pytest.mark.parametrize("pattern", ["chat.>", "chat.*", "chat.room", "chat.*.x"])
 def test_allow_list_policy_accepts_patterns_within_it(pattern):
     assert SubjectPolicy(allow=("chat.>",)).for_user().subscribe_refusal(pattern) is None
+
+
+# The control plane (CONTROL_SUBJECT): the threat is a browser publishing a
+# backend command through the bridge's own NATS connection, or reading others'
+# connection ids there.  No setting opens it (permissions.control_patterns).
+
+EVERYTHING = SubjectPolicy(allow=(">",), deny=(), publish_allow=(">",))
+
+
+@pytest.mark.parametrize("pattern", ["bridge.control", "bridge.control.>", "bridge.control.instances",
+                                     "bridge.control.each.users.disconnect", "bridge.control.*.request"])
+def test_control_plane_cannot_be_subscribed_even_when_everything_is_allowed(pattern):
+    assert EVERYTHING.for_user().subscribe_refusal(pattern) is not None
+
+
+@pytest.mark.parametrize("subject", ["bridge.control", "bridge.control.x", "bridge.control.users.disconnect",
+                                     "bridge.control.each.clients.request"])
+def test_control_plane_cannot_be_published_to_even_when_everything_is_allowed(subject):
+    assert EVERYTHING.for_user().publish_refusal(subject) is not None
+
+
+def test_control_plane_is_refused_to_a_trusted_backend_acting_for_a_client():
+    perms = EVERYTHING.for_user()
+    assert perms.subscribe_refusal("bridge.control.>", trusted=True) is not None
+    assert perms.publish_refusal("bridge.control.users.disconnect", trusted=True) is not None
+
+
+@pytest.mark.parametrize("pattern", [">", "bridge.>", "*.control.>", "bridge.*", "*.*.instances"])
+def test_wildcards_that_reach_the_control_plane_are_accepted_but_filtered_per_message(pattern):
+    assert EVERYTHING.for_user().subscribe_refusal(pattern) is None
+    assert EVERYTHING.needs_filter(pattern)
+
+
+@pytest.mark.parametrize("subject",
+                         ["bridge.control", "bridge.control.instances", "bridge.control.replies.a.1"])
+def test_control_plane_messages_are_never_permitted_through_a_wildcard(subject):
+    assert not EVERYTHING.permits(subject)
+
+
+def test_neighbours_of_the_control_plane_stay_open():
+    assert EVERYTHING.permits("bridge.controls")
+    assert EVERYTHING.for_user().publish_refusal("bridge.other") is None
+
+
+def test_control_plane_deny_follows_control_subject():
+    policy = SubjectPolicy(allow=(">",), deny=(), publish_allow=(">",), control_subject="ops.plane")
+    assert policy.for_user().publish_refusal("ops.plane.users.disconnect") is not None
+    assert policy.for_user().publish_refusal("bridge.control.x") is None
+
+
+def test_control_subject_setting_rejects_wildcards():
+    with pytest.raises(ConfigError):
+        load_config([], {"CONTROL_SUBJECT": "bridge.*"})
 
 
 def test_publish_policy_applies_deny_list_even_when_allowed():

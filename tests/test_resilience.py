@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 import nats
 import pytest
-from conftest import TIMEOUT, NatsServer, eventually, free_port, unique
+from conftest import TIMEOUT, NatsServer, eventually, start, stop, unique
 
 RECONNECT_WAIT = 0.2
 FAILOVER_BOUND = 5.0  # seconds, from the issue
@@ -48,14 +48,6 @@ def http_status(url: str) -> int:
 
 async def http_status_async(url: str) -> int:
     return await asyncio.wait_for(asyncio.to_thread(http_status, url), TIMEOUT)
-
-
-async def stop(server: NatsServer) -> None:
-    await asyncio.wait_for(asyncio.to_thread(server.stop), 30)
-
-
-async def start(server: NatsServer) -> None:
-    await asyncio.wait_for(asyncio.to_thread(server.start), 30)
 
 
 @pytest.fixture
@@ -193,37 +185,6 @@ async def test_bridge_process_outlives_a_long_nats_outage(own_nats, bridge_proce
 # ---------------------------------------------------------------------------
 # A three-node cluster on loopback
 # ---------------------------------------------------------------------------
-
-
-def cluster_nodes() -> list[NatsServer]:
-    route_ports = [free_port() for _ in range(3)]
-    nodes = []
-    for i, port in enumerate(route_ports):
-        routes = ",".join(f"nats://127.0.0.1:{p}" for j, p in enumerate(route_ports) if j != i)
-        nodes.append(NatsServer(extra_args=[
-            "--cluster", f"nats://127.0.0.1:{port}",
-            "--routes", routes,
-            "--cluster_name", "test",
-            "--name", f"node{i}",
-        ]))
-    return nodes
-
-
-def routed_peers(node: NatsServer) -> set[str]:
-    return {r["remote_id"] for r in node.monitor("/routez").get("routes") or []}
-
-
-@pytest.fixture
-async def cluster() -> AsyncIterator[list[NatsServer]]:
-    nodes = cluster_nodes()
-    try:
-        for node in nodes:
-            await start(node)
-        await eventually(lambda: all(len(routed_peers(n)) == 2 for n in nodes), timeout=20)
-        yield nodes
-    finally:
-        for node in nodes:
-            await stop(node)
 
 
 def bridge_connections(node: NatsServer, name: str) -> int:
