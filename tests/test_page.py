@@ -1,144 +1,25 @@
-"""The browser page (static/), in real Chromium driven by Playwright.
-
-Debian's Chromium only (`apt-get install -y chromium`), never a downloaded browser.
-Without it the module is skipped with one line, unless REQUIRE_BROWSER=1 (CI), where
-that is a failure.  Every page opened here is watched: a console error, a page error
-or a dialog fails the test that opened it.
-"""
+"""The browser page (static/), in real Chromium driven by Playwright (see chromium.py:
+Debian's Chromium only; every page opened is watched for console errors and dialogs)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import re
-import shutil
-import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
-import pytest_asyncio
+import chromium
+from chromium import TIMEOUT_MS, WS_REFUSED, Locator, OpenPage, Page, expect, wait_listening
 from conftest import ROOT, NatsServer, free_port
 
 import main
 
-CHROMIUM = shutil.which("chromium")
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("REQUIRE_BROWSER") == "1":
-        pytest.fail(f"{reason} (REQUIRE_BROWSER=1 makes this a failure)", pytrace=False)
-    pytest.skip(reason, allow_module_level=True)
-
-
-try:
-    from playwright.async_api import Browser, Locator, Page, async_playwright, expect
-except ImportError:
-    _unavailable("playwright is not installed: pip install -r requirements-dev.txt")
-if CHROMIUM is None:
-    _unavailable("no chromium on PATH: apt-get install -y chromium")
-
-LAUNCH_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-TIMEOUT_MS = 10_000
 SCREENSHOT = ROOT / "docs" / "page.png"
-# Chromium logs a refused WebSocket handshake as a console error; only the tests where
-# that is the point (the bridge restarting, a page without its token) allow it.
-WS_REFUSED = re.compile(r"^WebSocket connection to '.*' failed")
 
-expect.set_options(timeout=TIMEOUT_MS)
-
-
-# ---------------------------------------------------------------------------
-# Fixtures
-# ---------------------------------------------------------------------------
-
-
-@dataclass
-class Watched:
-    """A page and everything it did that a test may want to check."""
-
-    page: Page
-    errors: list[str] = field(default_factory=list)
-    dialogs: list[str] = field(default_factory=list)
-    sockets: list[str] = field(default_factory=list)
-    requests: list[str] = field(default_factory=list)
-    frames_received: int = 0
-    allowed: list[re.Pattern[str]] = field(default_factory=list)
-
-    def problems(self) -> list[str]:
-        unexpected = [e for e in self.errors if not any(p.search(e) for p in self.allowed)]
-        return unexpected + [f"dialog: {d}" for d in self.dialogs]
-
-
-@pytest_asyncio.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as pw:
-        launched = await pw.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS, timeout=30_000
-        )
-        try:
-            yield launched
-        finally:
-            await asyncio.wait_for(launched.close(), 30)
-
-
-OpenPage = Callable[..., Awaitable[Watched]]
-
-
-@pytest_asyncio.fixture
-async def open_page(browser: Browser) -> AsyncIterator[OpenPage]:
-    """Open a URL in a fresh context and wait until the page says it is connected
-    (unless ``connected=False``: a page the bridge is expected to refuse)."""
-    opened: list[Watched] = []
-
-    async def open_(url: str, width: int = 1100, height: int = 800, allow: tuple[re.Pattern[str], ...] = (),
-                    connected: bool = True) -> Watched:
-        context = await browser.new_context(viewport={"width": width, "height": height})
-        page = await context.new_page()
-        page.set_default_timeout(TIMEOUT_MS)
-        watched = Watched(page=page, allowed=list(allow))
-        opened.append(watched)
-
-        def on_console(msg: Any) -> None:
-            if msg.type == "error":
-                watched.errors.append(msg.text)
-
-        async def on_dialog(dialog: Any) -> None:
-            watched.dialogs.append(f"{dialog.type}: {dialog.message}")
-            await dialog.dismiss()
-
-        page.on("console", on_console)
-        page.on("pageerror", lambda exc: watched.errors.append(f"page error: {exc}"))
-        page.on("dialog", on_dialog)
-        def on_websocket(ws: Any) -> None:
-            watched.sockets.append(ws.url)
-
-            def on_frame(_payload: Any) -> None:
-                watched.frames_received += 1
-
-            ws.on("framereceived", on_frame)
-
-        page.on("websocket", on_websocket)
-        page.on("request", lambda req: watched.requests.append(req.url))
-        await page.goto(url, timeout=TIMEOUT_MS)
-        if connected:
-            await expect(page.locator("#conn-state")).to_have_attribute("data-state", "connected")
-        return watched
-
-    yield open_
-    for watched in opened:
-        await asyncio.wait_for(watched.page.context.close(), 30)
-    problems = [p for watched in opened for p in watched.problems()]
-    assert not problems, f"the page logged errors or opened dialogs: {problems}"
+# The Chromium fixtures (chromium.py), used by this module's tests.
+browser = chromium.browser
+open_page = chromium.open_page
 
 
 # ---------------------------------------------------------------------------
@@ -191,23 +72,6 @@ def server_subjects(bridge: Any) -> list[set[str]]:
     return [set(client.subjects) for client in bridge.manager.clients.values()]
 
 
-async def wait_listening(port: int, proc: subprocess.Popen[str], timeout: float = 30) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        if proc.poll() is not None:
-            out = proc.stdout.read() if proc.stdout else ""
-            raise RuntimeError(f"bridge exited with {proc.returncode}:\n{out}")
-        try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1)
-        except (OSError, TimeoutError):
-            if loop.time() > deadline:
-                raise TimeoutError(f"nothing listening on {port} after {timeout} s") from None
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        await writer.wait_closed()
-        return
 
 
 # ---------------------------------------------------------------------------
@@ -230,11 +94,14 @@ async def test_raw_json_path(bridge: Any, nc: Any, open_page: OpenPage) -> None:
     await publish_until_seen(nc, rows(page, "raw.one"), "raw.one", b'{"n": 1, "nested": {"ok": true}}')
     await expect(rows(page, "raw.one").first.locator("pre")).to_contain_text('"n": 1')
 
-    # The Send button; the server's error sits under the request that caused it.
+    # The Send button; what is wrong with a request sits under it, in words, and the text
+    # stays in the box to be fixed.
     await box.fill('{"subjects": [')
     await page.get_by_role("button", name="Send").click()
     await expect(log.first.locator(".raw-request")).to_have_text('{"subjects": [')
-    await expect(log.first.locator(".reply.error")).to_contain_text("Invalid JSON")
+    await expect(log.first.locator(".reply.error")).to_contain_text(
+        "Not sent: this is not valid JSON. It ends too early: it still needs ] } at the end.")
+    await expect(box).to_have_value('{"subjects": [')
 
     # A request with its own id is matched by that id.
     await box.fill('{"subjects":["raw.one"],"action":"dance","id":7}')
@@ -317,7 +184,7 @@ async def test_payloads_render_as_text(bridge: Any, nc: Any, open_page: OpenPage
 
     await publish_until_seen(nc, rows(page, "pay.text"), "pay.text", b"hello plain text")
     row = rows(page, "pay.text").first
-    await expect(row.locator(".badge")).to_have_text("text")
+    await expect(row.locator(".badge.text")).to_have_text("text")
     await expect(row.locator("pre")).to_have_text("hello plain text")
 
     evil = "<img src=x onerror=alert(1)>"
@@ -557,7 +424,7 @@ async def test_publish_box(nats_server: Any, bridge_factory: Any, nc: Any, open_
     await data.press("Control+Enter")
     msg = await on_nats.next_msg(timeout=TIMEOUT_MS / 1000)
     assert msg.data == b"hello <b>there</b>"
-    await expect(rows(page, "chat.room", "hello <b>there</b>").locator(".badge")).to_have_text("text")
+    await expect(rows(page, "chat.room", "hello <b>there</b>").locator(".badge.text")).to_have_text("text")
 
     # Outside PUBLISH_ALLOW, and a wildcard: the bridge's refusal sits under the box.
     await subject.fill("other.room")
