@@ -15,9 +15,12 @@ const RAW_LOG_ROWS = 6; // request/reply pairs kept under the raw box
 // paint after the script, so the row count is bounded as well as the script's time.
 const FRAME_BUDGET_MS = 4;
 const ROWS_PER_FRAME = 12;
-// While messages pour in faster than rows are drawn, the list is redrawn at most this
-// often: a main thread redrawing 60 times a second would have no time left for the socket.
-const BUSY_INTERVAL_MS = 100;
+// While messages pour in faster than rows are drawn, the list is redrawn at most this often,
+// a few rows at a time: the browser's style, layout and paint of each redraw, not the script,
+// is what would otherwise keep the main thread from the socket.  (In a burst the rows shown
+// are a sample; the list catches up with the newest ones as soon as the burst ends.)
+const BUSY_INTERVAL_MS = 200;
+const BUSY_ROWS = 4;
 const FOLD_CHARS = 1500; // longer values start folded (<details>)
 const FOLD_LINES = 20;
 const HIGHLIGHT_MAX_CHARS = 20000; // coloured token by token up to this size; plain text above
@@ -487,6 +490,7 @@ const view = {
   frameRequested: false,
   lastDraw: 0,
   arrived: 0, // messages since the last draw
+  busy: false, // more arrived between two draws than one draw shows
   perSecond: [0], // arrivals per second; the last entry is the current second
 };
 
@@ -500,7 +504,7 @@ function schedule() {
   if (view.frameRequested) return;
   view.frameRequested = true;
   const wait = view.lastDraw + BUSY_INTERVAL_MS - performance.now();
-  if (view.arrived > ROWS_PER_FRAME && wait > 0) setTimeout(() => requestAnimationFrame(draw), wait);
+  if (view.busy && wait > 0) setTimeout(() => requestAnimationFrame(draw), wait);
   else requestAnimationFrame(draw);
 }
 
@@ -533,7 +537,9 @@ function draw() {
   if (pending.length > MAX_ROWS) pending.splice(0, pending.length - MAX_ROWS);
   // Oldest first, so that what is left for the next frame still goes above it.
   const rows = [];
-  const most = Math.min(pending.length, ROWS_PER_FRAME);
+  view.busy = view.arrived > ROWS_PER_FRAME;
+  view.arrived = 0;
+  const most = Math.min(pending.length, view.busy ? BUSY_ROWS : ROWS_PER_FRAME);
   while (rows.length < most && (rows.length === 0 || performance.now() - start < FRAME_BUDGET_MS)) {
     rows.push(renderItem(pending[rows.length]));
   }
@@ -547,7 +553,6 @@ function draw() {
   updateCounts();
   if (view.paused) showPaused();
   if (pending.length) schedule();
-  view.arrived = 0;
 }
 
 function removeRow(row) {
