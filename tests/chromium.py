@@ -101,7 +101,7 @@ async def open_page(browser: Browser) -> AsyncIterator[OpenPage]:
     opened: list[Watched] = []
 
     async def open_(url: str, width: int = 1100, height: int = 800, allow: tuple[re.Pattern[str], ...] = (),
-                    connected: bool = True) -> Watched:
+                    connected: bool = True, init_script: str | None = None) -> Watched:
         context = await browser.new_context(viewport={"width": width, "height": height})
         page = await context.new_page()
         page.set_default_timeout(TIMEOUT_MS)
@@ -129,6 +129,8 @@ async def open_page(browser: Browser) -> AsyncIterator[OpenPage]:
 
         page.on("websocket", on_websocket)
         page.on("request", lambda req: watched.requests.append(req.url))
+        if init_script is not None:
+            await page.add_init_script(init_script)  # runs before the page's own scripts
         await page.goto(url, timeout=TIMEOUT_MS)
         if connected:
             await expect(page.locator("#conn-state")).to_have_attribute("data-state", "connected")

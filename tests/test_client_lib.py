@@ -344,7 +344,9 @@ async def test_a_token_comes_from_get_token_when_the_handshake_is_refused(
 async def test_offline_closes_and_online_reconnects_at_once_renewing_subscriptions(
     bridge: Any, nc: Any, open_page: OpenPage
 ) -> None:
-    page = await harness(open_page, bridge.http_url, allow=(WS_REFUSED,))
+    # Offline, the next attempt waits up to maxDelay: here far beyond the test, so only the
+    # online event can bring the connection back in time.
+    page = await harness(open_page, bridge.http_url, allow=(WS_REFUSED,), maxDelay=600_000)
     subject = unique("lib")
     await page.evaluate("(s) => client.subscribe(s).ready", subject)
     await page.context.set_offline(True)

@@ -10,8 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import chromium
-from chromium import TIMEOUT_MS, WS_REFUSED, Locator, OpenPage, Page, expect, wait_listening
+from chromium import TIMEOUT_MS, WS_REFUSED, OpenPage, expect, wait_listening
 from conftest import ROOT, NatsServer, free_port
+from page_support import (
+    chip,
+    publish,
+    publish_until_seen,
+    rows,
+    server_subjects,
+    subscribe_with_button,
+    welcomed,
+)
 
 import main
 
@@ -20,58 +29,6 @@ SCREENSHOT = ROOT / "docs" / "page.png"
 # The Chromium fixtures (chromium.py), used by this module's tests.
 browser = chromium.browser
 open_page = chromium.open_page
-
-
-# ---------------------------------------------------------------------------
-# Helpers
-# ---------------------------------------------------------------------------
-
-
-def rows(page: Page, subject: str, text: str | None = None) -> Locator:
-    found = page.locator(f'#messages > li.msg[data-subject="{subject}"]')
-    return found.filter(has_text=text) if text is not None else found
-
-
-def chip(page: Page, subject: str) -> Locator:
-    return page.locator(f'#subscriptions > li.chip[data-subject="{subject}"]')
-
-
-async def publish_until_seen(nc: Any, row: Locator, subject: str, payload: bytes, **kw: Any) -> None:
-    """Publish until the row shows: the bridge's SUB may still be on its way to nats-server."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + TIMEOUT_MS / 1000
-    while True:
-        await nc.publish(subject, payload, **kw)
-        await nc.flush(timeout=5)
-        try:
-            await expect(row.first).to_be_visible(timeout=400)
-            return
-        except AssertionError:
-            if loop.time() > deadline:
-                raise
-
-
-async def publish(nc: Any, subject: str, payload: bytes, **kw: Any) -> None:
-    await nc.publish(subject, payload, **kw)
-    await nc.flush(timeout=5)
-
-
-async def subscribe_with_button(page: Page, subjects: str) -> None:
-    await page.get_by_label("Subject", exact=True).fill(subjects)
-    await page.get_by_role("button", name="Subscribe", exact=True).click()
-    for subject in subjects.split():
-        await expect(chip(page, subject)).to_have_attribute("data-state", "subscribed")
-
-
-async def welcomed(page: Page) -> None:
-    """The welcome frame has arrived (the connection id comes with it)."""
-    await expect(page.locator("#connection-id")).not_to_have_text(re.compile(r"^(—|)$"))
-
-
-def server_subjects(bridge: Any) -> list[set[str]]:
-    return [set(client.subjects) for client in bridge.manager.clients.values()]
-
-
 
 
 # ---------------------------------------------------------------------------
@@ -470,6 +427,104 @@ async def test_close_codes_are_explained(nats_server: Any, bridge_factory: Any, 
     await expect(detail).to_have_attribute("data-tone", "error")
     # It waits a little before reconnecting after 1008 (not hammering the bridge).
     await expect(page.locator("#conn-state")).to_have_text(re.compile(r"^Reconnecting in [12] s$"))
+
+
+async def test_long_strings_show_as_strings_with_true_line_counts(bridge: Any, nc: Any,
+                                                                  open_page: OpenPage) -> None:
+    page = (await open_page(bridge.http_url + "/")).page
+    await subscribe_with_button(page, "exact.>")
+    note = "The quick brown fox jumps over the lazy dog, and then it keeps running for a while."
+    payload = ('{"id":7,"note":"' + note + '"}').encode()
+    await publish_until_seen(nc, rows(page, "exact.note"), "exact.note", payload)
+    row = rows(page, "exact.note")
+    await expect(row.locator("pre")).to_have_text('{\n  "id": 7,\n  "note": "' + note + '"\n}')
+    await expect(row.locator("details")).to_have_count(0)  # four lines: nothing to fold
+
+    url = "https://example.com/" + "/".join(["segment"] * 12) + "?q=1"
+    await publish(nc, "exact.url", ('{"url": "' + url + '"}').encode())
+    await expect(rows(page, "exact.url").locator("pre")).to_have_text('{\n  "url": "' + url + '"\n}')
+
+    # Folded when long: the summary counts the lines the value really has.
+    items = [f"line {i} " + "word " * 12 for i in range(30)]
+    await publish(nc, "exact.list", main.json.dumps(items).encode())
+    summary = rows(page, "exact.list").locator("details summary")
+    await expect(summary).to_contain_text("32 lines")
+    await summary.click()
+    await expect(rows(page, "exact.list").locator("pre")).to_have_text(
+        "[\n" + ",\n".join(f'  "{item}"' for item in items) + "\n]")
+
+
+async def test_big_numbers_keep_the_payloads_own_digits(bridge: Any, nc: Any, open_page: OpenPage) -> None:
+    page = (await open_page(bridge.http_url + "/")).page
+    await subscribe_with_button(page, "digits.>")
+    hundred = "9" * 60 + "1234567890" * 4
+    await publish_until_seen(nc, rows(page, "digits.bare"), "digits.bare", hundred.encode())
+    await expect(rows(page, "digits.bare").locator("pre")).to_have_text(hundred)
+    await publish(nc, "digits.obj", f'{{"n": {hundred}, "small": 1.50, "e": -2E-7}}'.encode())
+    await expect(rows(page, "digits.obj").locator("pre")).to_have_text(
+        f'{{\n  "n": {hundred},\n  "small": 1.50,\n  "e": -2E-7\n}}')
+
+
+async def test_a_json_string_payload_looks_different_from_text(bridge: Any, nc: Any,
+                                                               open_page: OpenPage) -> None:
+    page = (await open_page(bridge.http_url + "/")).page
+    await subscribe_with_button(page, "kind.>")
+    await publish_until_seen(nc, rows(page, "kind.json"), "kind.json", b'"hello"')
+    await publish(nc, "kind.text", b"hello")
+    json_row, text_row = rows(page, "kind.json"), rows(page, "kind.text")
+    await expect(json_row.locator(".badge.json-string")).to_have_text("JSON string")
+    await expect(json_row.locator("pre")).to_have_text('"hello"')
+    await expect(text_row.locator(".badge.text")).to_have_text("text")
+    await expect(text_row.locator("pre")).to_have_text("hello")
+    await expect(json_row.locator(".badge.text")).to_have_count(0)
+
+
+async def test_each_row_shows_the_subscription_it_matched(bridge: Any, nc: Any, open_page: OpenPage) -> None:
+    page = (await open_page(bridge.http_url + "/")).page
+    await subscribe_with_button(page, "via.* via.deep.> via.exact")
+    await publish_until_seen(nc, rows(page, "via.one"), "via.one", b"1")
+    await publish(nc, "via.deep.a.b", b"2")
+    await publish(nc, "via.exact", b"3")
+    await expect(rows(page, "via.one").locator(".badge.via")).to_have_text("via via.*")
+    await expect(rows(page, "via.deep.a.b").locator(".badge.via")).to_have_text("via via.deep.>")
+    # Matched by the subject itself and by via.*: the wildcard is the news.
+    await expect(rows(page, "via.exact").locator(".badge.via")).to_have_text("via via.*")
+    await expect(rows(page, "via.exact")).to_have_attribute("data-matched", "via.* via.exact")
+
+
+async def test_the_examples_json_typed_into_the_first_box_subscribes(bridge: Any, nc: Any,
+                                                                      open_page: OpenPage) -> None:
+    example = '{"subjects":["test.subject"],"action":"subscribe"}'
+    page = (await open_page(bridge.http_url + "/")).page
+    field = page.get_by_label("Subject", exact=True)
+    status = page.locator("#subject-status")
+    await field.fill(example)
+    await field.press("Enter")
+    await expect(status).to_have_text("Successfully connected to events: 'test.subject'")
+    await expect(chip(page, "test.subject")).to_have_attribute("data-state", "subscribed")
+    await expect(page.locator("#subscriptions > li")).to_have_count(1)
+    assert server_subjects(bridge) == [{"test.subject"}]
+    await expect(field).to_have_value("")
+    await expect(page.locator("#raw-log > li").first.locator(".raw-request")).to_have_text(example)
+
+    # What is wrong is said in words, and the text stays to be fixed.
+    await field.fill('{"subjects": ["a",]}')
+    await field.press("Enter")
+    await expect(status).to_have_text(
+        "Not sent: this is not valid JSON. A value is missing before ] (character 19): "
+        "remove the comma before it.")
+    await expect(status).to_have_attribute("data-tone", "error")
+    await expect(field).to_have_value('{"subjects": ["a",]}')
+    await field.fill("{'subjects': ['a']}")
+    await field.press("Enter")
+    await expect(status).to_contain_text('Use double quotes (") around names and text, not single quotes')
+    assert server_subjects(bridge) == [{"test.subject"}]
+
+    # The raw box starts empty (nothing to type into the middle of), the example shown in it.
+    await page.reload()
+    raw = page.get_by_label("JSON request")
+    await expect(raw).to_have_value("")
+    await expect(raw).to_have_attribute("placeholder", example)
 
 
 async def test_screenshot_for_the_readme(bridge: Any, nc: Any, open_page: OpenPage, tmp_path: Path) -> None:
