@@ -7,6 +7,7 @@
 // the list keeps at most MAX_ROWS of them.  Large values are laid out by a worker.
 
 import { BridgeClient } from "./bridge-client.js";
+import { WorkerWebSocket } from "./worker-socket.js";
 import { countLines, layoutJson, preview, requestProblem } from "./format.js";
 
 const MAX_ROWS = 500; // rows kept in the list; older ones are dropped
@@ -85,10 +86,10 @@ function setStatus(node, ok, text) {
 const TOKEN = new URLSearchParams(window.location.search).get("token") || "";
 
 // The socket lives next to the page: same scheme (ws/wss), host, port and path prefix.
-// The socket itself lives in a worker (see bridge-socket-worker.js): bursts never block this thread.
+// The socket itself lives in a worker (worker-socket.js): bursts never block this thread.
 const client = new BridgeClient(new URL("stream", window.location.href).pathname, {
   token: TOKEN || null,
-  socketWorker: true,
+  WebSocket: WorkerWebSocket,
 });
 
 // ---------------------------------------------------------------------------

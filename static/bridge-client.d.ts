@@ -70,11 +70,9 @@ export interface BridgeClientOptions {
   getToken?: () => Promise<string> | string;
   /** Connect at once (default true); with false, call connect(). */
   connect?: boolean;
-  /** true: open the socket in bridge-socket-worker.js (next to bridge-client.js), so that
-   * bursts never block the page's main thread; or that script's URL.  Default false. */
-  socketWorker?: boolean | string | URL;
-  /** A WebSocket implementation (default: the global one). */
-  WebSocket?: { new (url: string): WebSocket };
+  /** A WebSocket implementation (default: the global one).  WorkerWebSocket from
+   * worker-socket.js keeps the socket in a worker, so that bursts never block the page. */
+  WebSocket?: new (url: string) => Pick<WebSocket, "send" | "close" | "onopen" | "onmessage" | "onclose">;
   /** First reconnect delay ceiling in ms (default 500); doubles per attempt... */
   minDelay?: number;
   /** ...up to this (default 20000).  The delay is a random share of the ceiling (full jitter). */

@@ -1,7 +1,7 @@
-// The bridge's WebSocket off the page's main thread, for bridge-client.js (option
-// socketWorker).  Messages go to the page in batches: one post per turn of this worker's
-// event loop, at most MAX_BATCH messages or MAX_CHARS characters, so that the page handles
-// each batch in a few milliseconds whatever arrives.
+// The bridge's WebSocket off the page's main thread (see worker-socket.js).  Messages go to
+// the page in batches: one post per turn of this worker's event loop, at most MAX_BATCH
+// messages or MAX_CHARS characters, so that the page handles each batch in a few
+// milliseconds whatever arrives.
 const MAX_BATCH = 250;
 const MAX_CHARS = 512 * 1024;
 const sockets = new Map();

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import chromium
+import pytest
 from chromium import TIMEOUT_MS, WS_REFUSED, OpenPage, Page, wait_listening
 from conftest import NatsServer, eventually, free_port, unique
 
@@ -25,10 +26,11 @@ open_page = chromium.open_page
 NO_FAVICON = re.compile(r"^Failed to load resource: the server responded with a status of 404")
 
 # Loads the library and starts a client; everything it reports goes into window.log.
-START = """async ({url, options}) => {
+START = """async ({url, options, worker}) => {
   const lib = await import("/static/bridge-client.js");
   window.lib = lib;
   window.log = {states: [], messages: [], resubscribed: [], replies: [], errors: []};
+  if (worker) options.WebSocket = (await import("/static/worker-socket.js")).WorkerWebSocket;
   const client = new lib.BridgeClient(url, options);
   client.on("state", (state, detail) => log.states.push([state, detail.code ?? null]));
   client.on("message", (m) => log.messages.push({
@@ -47,7 +49,8 @@ async def harness(open_page: OpenPage, http_url: str, **options: Any) -> Page:
     watched = await open_page(http_url + "/healthz", connected=False, allow=allow)
     page = watched.page
     url = options.pop("url", http_url.replace("http", "ws", 1) + "/stream")
-    await page.evaluate(START, {"url": url, "options": options})
+    worker = options.pop("worker", False)
+    await page.evaluate(START, {"url": url, "options": options, "worker": worker})
     if options.get("connect", True):
         await connected(page)
     return page
@@ -89,10 +92,15 @@ def held(bridge: Any) -> list[set[str]]:
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("transport", ["websocket", "worker"])
 async def test_subscribe_resolves_with_the_reply_delivers_messages_and_unsubscribe_stops_them(
-    bridge: Any, nc: Any, open_page: OpenPage
+    transport: str, bridge: Any, nc: Any, open_page: OpenPage
 ) -> None:
-    page = await harness(open_page, bridge.http_url)
+    """With the page's WebSocket, and with WorkerWebSocket (the socket in a worker)."""
+    page = await harness(open_page, bridge.http_url, worker=transport == "worker")
+    in_worker = await page.evaluate(
+        "async () => client._ws instanceof (await import('/static/worker-socket.js')).WorkerWebSocket")
+    assert in_worker is (transport == "worker")
     base = unique("lib")
     reply = await page.evaluate(
         """async (base) => {
@@ -210,7 +218,7 @@ async def test_publish_resolves_with_the_reply_and_reaches_nats_with_every_digit
     assert (await on_nats.next_msg(timeout=TIMEOUT_MS / 1000)).data == b'{"big": 12345678901234567890}'
     await page.evaluate("() => client.publish('lib.pub.c', 'plain words')")
     assert (await on_nats.next_msg(timeout=TIMEOUT_MS / 1000)).data == b"plain words"
-    await page.evaluate("() => client.publish('lib.pub.d', new Uint8Array([0, 255, 1]))")
+    await page.evaluate("() => client.publish('lib.pub.d', btoa('\\x00\\xff\\x01'), {encoding: 'base64'})")
     assert (await on_nats.next_msg(timeout=TIMEOUT_MS / 1000)).data == b"\x00\xff\x01"
 
     refused = await page.evaluate(
