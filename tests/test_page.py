@@ -547,8 +547,9 @@ async def test_screenshot_for_the_readme(bridge: Any, nc: Any, open_page: OpenPa
                              b"21.4")
     await publish(nc, "orders.shipped", b"order 1042 left the warehouse", headers={"Trace-Id": "7f3a9c"})
     await publish(nc, "orders.audit", bytes(range(250, 256)) + b"\x00\x01binary")
+    await publish(nc, "orders.note", b'"gift wrap, please"')
     await publish(nc, "test.subject", main.json.dumps(main.test_message()).encode())
-    await expect(page.locator("#messages > li")).to_have_count(6)
+    await expect(page.locator("#messages > li")).to_have_count(7)
     await asyncio.sleep(1.1)  # one tick of the rate
     await page.get_by_label("Subject", exact=True).blur()
 
