@@ -15,12 +15,12 @@ const RAW_LOG_ROWS = 6; // request/reply pairs kept under the raw box
 // Drawing work per animation frame.  Each row also costs the browser style, layout and
 // paint after the script, so the row count is bounded as well as the script's time.
 const FRAME_BUDGET_MS = 4;
-const ROWS_PER_FRAME = 12;
+const ROWS_PER_FRAME = 40;
 // While messages pour in faster than rows are drawn, the list is redrawn at most this often,
 // a few rows at a time: the browser's style, layout and paint of each redraw, not the script,
 // is what would otherwise keep the main thread from the socket.  (In a burst the rows shown
 // are a sample; the list catches up with the newest ones as soon as the burst ends.)
-const BUSY_INTERVAL_MS = 200;
+const BUSY_INTERVAL_MS = 250;
 const BUSY_ROWS = 4;
 const FOLD_CHARS = 1500; // longer values start folded (<details>)
 const FOLD_LINES = 20;

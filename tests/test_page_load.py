@@ -8,6 +8,7 @@ bound on the longest task is the one timing assertion these tests make.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from typing import Any
@@ -19,6 +20,8 @@ from page_support import publish, publish_until_seen, rows, subscribe_with_butto
 
 browser = chromium.browser
 open_page = chromium.open_page
+
+logger = logging.getLogger(__name__)
 
 LONG_TASKS = """
 window.__longTasks = [];
@@ -62,6 +65,8 @@ async def test_a_burst_of_50000_messages_never_blocks_the_page_for_more_than_100
     await expect(rows(page, "burst.sensor").first).to_contain_text('"seq": 49999', timeout=20_000)
     await expect(page.locator("#messages > li")).to_have_count(500)
     long_tasks = await page.evaluate("window.__longTasks")
+    # The margin, for whoever watches it over time (pytest -o log_cli=true).
+    logger.info("burst: long tasks %s ms; published in %.2f s", long_tasks, published)
     assert max(long_tasks, default=0) <= 100, (
         f"long tasks (ms) {long_tasks}; 50,000 messages published in {published:.2f} s")
     await expect(page.locator("#conn-state")).to_have_attribute("data-state", "connected")
@@ -104,6 +109,7 @@ async def test_a_1_mb_message_arrives_folded_with_its_true_line_count_and_no_tas
     first = '{"id": 0, "v": "item-0", "n": 12345678901234567890}'
     await expect(pre).to_contain_text('{\n  "items": [\n    ' + first + ",\n")
     long_tasks = await page.evaluate("window.__longTasks")
+    logger.info("1 MB message: long tasks %s ms", long_tasks)
     assert max(long_tasks, default=0) <= 200, f"long tasks (ms) {long_tasks}"
 
     await expect(summary).to_contain_text(f"{lines:,} lines · 976.5 KB")
