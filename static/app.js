@@ -20,7 +20,7 @@ const ROWS_PER_FRAME = 40;
 // a few rows at a time: the browser's style, layout and paint of each redraw, not the script,
 // is what would otherwise keep the main thread from the socket.  (In a burst the rows shown
 // are a sample; the list catches up with the newest ones as soon as the burst ends.)
-const BUSY_INTERVAL_MS = 250;
+const BUSY_INTERVAL_MS = 1000;
 const BUSY_ROWS = 4;
 const FOLD_CHARS = 1500; // longer values start folded (<details>)
 const FOLD_LINES = 20;
