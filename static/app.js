@@ -26,7 +26,7 @@ const FOLD_CHARS = 1500; // longer values start folded (<details>)
 const FOLD_LINES = 20;
 const HIGHLIGHT_MAX_CHARS = 20000; // coloured token by token up to this size; plain text above
 const WORKER_MIN_CHARS = 32 * 1024; // JSON this large is laid out off the main thread
-const SHOW_CHUNK_CHARS = 100000; // an unfolded value shows this much at a time
+const SHOW_CHUNK_CHARS = 50000; // an unfolded value shows this much at a time
 const RATE_WINDOW_S = 5;
 
 const $ = (id) => document.getElementById(id);

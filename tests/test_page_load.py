@@ -115,7 +115,7 @@ async def test_a_1_mb_message_arrives_folded_with_its_true_line_count_and_no_tas
     await expect(summary).to_contain_text(f"{lines:,} lines · 976.5 KB")
     # A chunk at a time: a megabyte of text in the page at once would freeze it.
     await row.get_by_role("button", name="Show more").click()
-    await expect(pre).to_contain_text('"v": "item-2500"')
+    await expect(pre).to_contain_text('"v": "item-1200"')
 
 
 async def test_pause_note_button_and_counts_agree_with_what_resume_shows(
