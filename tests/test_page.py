@@ -4,6 +4,7 @@ Debian's Chromium only; every page opened is watched for console errors and dial
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 from pathlib import Path
@@ -446,7 +447,7 @@ async def test_long_strings_show_as_strings_with_true_line_counts(bridge: Any, n
 
     # Folded when long: the summary counts the lines the value really has.
     items = [f"line {i} " + "word " * 12 for i in range(30)]
-    await publish(nc, "exact.list", main.json.dumps(items).encode())
+    await publish(nc, "exact.list", json.dumps(items).encode())
     summary = rows(page, "exact.list").locator("details summary")
     await expect(summary).to_contain_text("32 lines")
     await summary.click()
