@@ -85,7 +85,8 @@ def encode_nats_message(msg: Msg, seq: int | None = None, history: bool = False)
         try:
             json.loads(text, parse_constant=_reject_constant)
         except (ValueError, RecursionError):
-            body = ',"data":' + json.dumps(text, ensure_ascii=False)
+            # Marked, so that the text `hello` and the JSON string `"hello"` differ on the wire.
+            body = ',"data":' + json.dumps(text, ensure_ascii=False) + ',"encoding":"text"'
         else:
             body = ',"data":' + text.strip()
     extra = ""

@@ -86,17 +86,26 @@ async def test_large_integer_keeps_every_digit(bridge, ws_factory, nc):
     "text",
     ["héllo wörld ✓, not JSON", "{not json}", "plain", "12 34", "[1, 2", "'single quotes'"],
 )
-async def test_utf8_text_payload_arrives_as_string(bridge, ws_factory, nc, text):
+async def test_utf8_text_payload_arrives_as_string_marked_text(bridge, ws_factory, nc, text):
     subject, raw = await deliver(bridge, ws_factory, nc, text.encode())
     frame = strict_json(raw)
     assert frame["subject"] == subject
     assert frame["data"] == text
-    assert "encoding" not in frame
+    assert frame["encoding"] == "text"
 
 
-async def test_empty_payload_arrives_as_empty_string(bridge, ws_factory, nc):
+async def test_empty_payload_arrives_as_empty_text(bridge, ws_factory, nc):
     _, raw = await deliver(bridge, ws_factory, nc, b"")
-    assert strict_json(raw)["data"] == ""
+    frame = strict_json(raw)
+    assert (frame["data"], frame["encoding"]) == ("", "text")
+
+
+async def test_text_and_json_string_with_the_same_characters_are_told_apart(bridge, ws_factory, nc):
+    _, text = await deliver(bridge, ws_factory, nc, b"hello")
+    _, json_string = await deliver(bridge, ws_factory, nc, b'"hello"')
+    assert strict_json(text)["data"] == strict_json(json_string)["data"] == "hello"
+    assert strict_json(text)["encoding"] == "text"
+    assert "encoding" not in strict_json(json_string)
 
 
 @pytest.mark.parametrize(
@@ -116,7 +125,8 @@ async def test_non_utf8_payload_arrives_as_base64(bridge, ws_factory, nc, payloa
 async def test_non_json_number_constant_arrives_as_text(bridge, ws_factory, nc, payload):
     _, raw = await deliver(bridge, ws_factory, nc, payload.encode())
     # strict_json fails if the constant was spliced in as if it were JSON.
-    assert strict_json(raw)["data"] == payload
+    frame = strict_json(raw)
+    assert (frame["data"], frame["encoding"]) == (payload, "text")
 
 
 async def test_headers_arrive_as_headers(bridge, ws_factory, nc):

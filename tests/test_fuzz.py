@@ -363,7 +363,8 @@ class Fuzzer:
                 record.closes[code] = record.closes.get(code, 0) + 1
                 allowed = OK_CLOSES.get(closing_kind(*frame) or "", set())
                 if answers == 0 and code not in allowed:
-                    record.anomaly(f"frame closed the connection with {code} ({msg.extra!r}) instead of a reply", frame)
+                    why = f"frame closed the connection with {code} ({msg.extra!r}) instead of a reply"
+                    record.anomaly(why, frame)
                 return False
             if msg.type is aiohttp.WSMsgType.ERROR:
                 error = str(msg.data)

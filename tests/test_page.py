@@ -1,10 +1,5 @@
-"""The browser page (static/), in real Chromium driven by Playwright.
-
-Debian's Chromium only (`apt-get install -y chromium`), never a downloaded browser.
-Without it the module is skipped with one line, unless REQUIRE_BROWSER=1 (CI), where
-that is a failure.  Every page opened here is watched: a console error, a page error
-or a dialog fails the test that opened it.
-"""
+"""The browser page (static/), in real Chromium driven by Playwright (see chromium.py:
+Debian's Chromium only; every page opened is watched for console errors and dialogs)."""
 
 from __future__ import annotations
 
@@ -12,204 +7,30 @@ import asyncio
 import json
 import os
 import re
-import shutil
-import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
-import pytest_asyncio
+import chromium
+from chromium import TIMEOUT_MS, WS_REFUSED, OpenPage, expect, wait_listening
 from conftest import ROOT, NatsServer, free_port
+from page_support import (
+    chip,
+    publish,
+    publish_until_seen,
+    rows,
+    server_subjects,
+    subscribe_with_button,
+    welcomed,
+)
 
 import feed
 import main
 
-CHROMIUM = shutil.which("chromium")
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("REQUIRE_BROWSER") == "1":
-        pytest.fail(f"{reason} (REQUIRE_BROWSER=1 makes this a failure)", pytrace=False)
-    pytest.skip(reason, allow_module_level=True)
-
-
-try:
-    from playwright.async_api import Browser, Locator, Page, async_playwright, expect
-except ImportError:
-    _unavailable("playwright is not installed: pip install -r requirements-dev.txt")
-if CHROMIUM is None:
-    _unavailable("no chromium on PATH: apt-get install -y chromium")
-
-LAUNCH_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-TIMEOUT_MS = 10_000
 SCREENSHOT = ROOT / "docs" / "page.png"
-# Chromium logs a refused WebSocket handshake as a console error; only the tests where
-# that is the point (the bridge restarting, a page without its token) allow it.
-WS_REFUSED = re.compile(r"^WebSocket connection to '.*' failed")
 
-expect.set_options(timeout=TIMEOUT_MS)
-
-
-# ---------------------------------------------------------------------------
-# Fixtures
-# ---------------------------------------------------------------------------
-
-
-@dataclass
-class Watched:
-    """A page and everything it did that a test may want to check."""
-
-    page: Page
-    errors: list[str] = field(default_factory=list)
-    dialogs: list[str] = field(default_factory=list)
-    sockets: list[str] = field(default_factory=list)
-    requests: list[str] = field(default_factory=list)
-    frames_received: int = 0
-    allowed: list[re.Pattern[str]] = field(default_factory=list)
-
-    def problems(self) -> list[str]:
-        unexpected = [e for e in self.errors if not any(p.search(e) for p in self.allowed)]
-        return unexpected + [f"dialog: {d}" for d in self.dialogs]
-
-
-@pytest_asyncio.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as pw:
-        launched = await pw.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS, timeout=30_000
-        )
-        try:
-            yield launched
-        finally:
-            await asyncio.wait_for(launched.close(), 30)
-
-
-OpenPage = Callable[..., Awaitable[Watched]]
-
-
-@pytest_asyncio.fixture
-async def open_page(browser: Browser) -> AsyncIterator[OpenPage]:
-    """Open a URL in a fresh context and wait until the page says it is connected
-    (unless ``connected=False``: a page the bridge is expected to refuse)."""
-    opened: list[Watched] = []
-
-    async def open_(url: str, width: int = 1100, height: int = 800, allow: tuple[re.Pattern[str], ...] = (),
-                    connected: bool = True) -> Watched:
-        context = await browser.new_context(viewport={"width": width, "height": height})
-        page = await context.new_page()
-        page.set_default_timeout(TIMEOUT_MS)
-        watched = Watched(page=page, allowed=list(allow))
-        opened.append(watched)
-
-        def on_console(msg: Any) -> None:
-            if msg.type == "error":
-                watched.errors.append(msg.text)
-
-        async def on_dialog(dialog: Any) -> None:
-            watched.dialogs.append(f"{dialog.type}: {dialog.message}")
-            await dialog.dismiss()
-
-        page.on("console", on_console)
-        page.on("pageerror", lambda exc: watched.errors.append(f"page error: {exc}"))
-        page.on("dialog", on_dialog)
-        def on_websocket(ws: Any) -> None:
-            watched.sockets.append(ws.url)
-
-            def on_frame(_payload: Any) -> None:
-                watched.frames_received += 1
-
-            ws.on("framereceived", on_frame)
-
-        page.on("websocket", on_websocket)
-        page.on("request", lambda req: watched.requests.append(req.url))
-        await page.goto(url, timeout=TIMEOUT_MS)
-        if connected:
-            await expect(page.locator("#conn-state")).to_have_attribute("data-state", "connected")
-        return watched
-
-    yield open_
-    for watched in opened:
-        await asyncio.wait_for(watched.page.context.close(), 30)
-    problems = [p for watched in opened for p in watched.problems()]
-    assert not problems, f"the page logged errors or opened dialogs: {problems}"
-
-
-# ---------------------------------------------------------------------------
-# Helpers
-# ---------------------------------------------------------------------------
-
-
-def rows(page: Page, subject: str, text: str | None = None) -> Locator:
-    found = page.locator(f'#messages > li.msg[data-subject="{subject}"]')
-    return found.filter(has_text=text) if text is not None else found
-
-
-def chip(page: Page, subject: str) -> Locator:
-    return page.locator(f'#subscriptions > li.chip[data-subject="{subject}"]')
-
-
-async def publish_until_seen(nc: Any, row: Locator, subject: str, payload: bytes, **kw: Any) -> None:
-    """Publish until the row shows: the bridge's SUB may still be on its way to nats-server."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + TIMEOUT_MS / 1000
-    while True:
-        await nc.publish(subject, payload, **kw)
-        await nc.flush(timeout=5)
-        try:
-            await expect(row.first).to_be_visible(timeout=400)
-            return
-        except AssertionError:
-            if loop.time() > deadline:
-                raise
-
-
-async def publish(nc: Any, subject: str, payload: bytes, **kw: Any) -> None:
-    await nc.publish(subject, payload, **kw)
-    await nc.flush(timeout=5)
-
-
-async def subscribe_with_button(page: Page, subjects: str) -> None:
-    await page.get_by_label("Subject", exact=True).fill(subjects)
-    await page.get_by_role("button", name="Subscribe", exact=True).click()
-    for subject in subjects.split():
-        await expect(chip(page, subject)).to_have_attribute("data-state", "subscribed")
-
-
-async def welcomed(page: Page) -> None:
-    """The welcome frame has arrived (the connection id comes with it)."""
-    await expect(page.locator("#connection-id")).not_to_have_text(re.compile(r"^(—|)$"))
-
-
-def server_subjects(bridge: Any) -> list[set[str]]:
-    return [set(client.subjects) for client in bridge.manager.clients.values()]
-
-
-async def wait_listening(port: int, proc: subprocess.Popen[str], timeout: float = 30) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        if proc.poll() is not None:
-            out = proc.stdout.read() if proc.stdout else ""
-            raise RuntimeError(f"bridge exited with {proc.returncode}:\n{out}")
-        try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1)
-        except (OSError, TimeoutError):
-            if loop.time() > deadline:
-                raise TimeoutError(f"nothing listening on {port} after {timeout} s") from None
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        await writer.wait_closed()
-        return
+# The Chromium fixtures (chromium.py), used by this module's tests.
+browser = chromium.browser
+open_page = chromium.open_page
 
 
 # ---------------------------------------------------------------------------
@@ -232,11 +53,14 @@ async def test_raw_json_path(bridge: Any, nc: Any, open_page: OpenPage) -> None:
     await publish_until_seen(nc, rows(page, "raw.one"), "raw.one", b'{"n": 1, "nested": {"ok": true}}')
     await expect(rows(page, "raw.one").first.locator("pre")).to_contain_text('"n": 1')
 
-    # The Send button; the server's error sits under the request that caused it.
+    # The Send button; what is wrong with a request sits under it, in words, and the text
+    # stays in the box to be fixed.
     await box.fill('{"subjects": [')
     await page.get_by_role("button", name="Send").click()
     await expect(log.first.locator(".raw-request")).to_have_text('{"subjects": [')
-    await expect(log.first.locator(".reply.error")).to_contain_text("Invalid JSON")
+    await expect(log.first.locator(".reply.error")).to_contain_text(
+        "Not sent: this is not valid JSON. It ends too early: it still needs ] } at the end.")
+    await expect(box).to_have_value('{"subjects": [')
 
     # A request with its own id is matched by that id.
     await box.fill('{"subjects":["raw.one"],"action":"dance","id":7}')
@@ -319,7 +143,7 @@ async def test_payloads_render_as_text(bridge: Any, nc: Any, open_page: OpenPage
 
     await publish_until_seen(nc, rows(page, "pay.text"), "pay.text", b"hello plain text")
     row = rows(page, "pay.text").first
-    await expect(row.locator(".badge")).to_have_text("text")
+    await expect(row.locator(".badge.text")).to_have_text("text")
     await expect(row.locator("pre")).to_have_text("hello plain text")
 
     evil = "<img src=x onerror=alert(1)>"
@@ -559,7 +383,7 @@ async def test_publish_box(nats_server: Any, bridge_factory: Any, nc: Any, open_
     await data.press("Control+Enter")
     msg = await on_nats.next_msg(timeout=TIMEOUT_MS / 1000)
     assert msg.data == b"hello <b>there</b>"
-    await expect(rows(page, "chat.room", "hello <b>there</b>").locator(".badge")).to_have_text("text")
+    await expect(rows(page, "chat.room", "hello <b>there</b>").locator(".badge.text")).to_have_text("text")
 
     # Outside PUBLISH_ALLOW, and a wildcard: the bridge's refusal sits under the box.
     await subject.fill("other.room")
@@ -607,6 +431,104 @@ async def test_close_codes_are_explained(nats_server: Any, bridge_factory: Any, 
     await expect(page.locator("#conn-state")).to_have_text(re.compile(r"^Reconnecting in [12] s$"))
 
 
+async def test_long_strings_show_as_strings_with_true_line_counts(bridge: Any, nc: Any,
+                                                                  open_page: OpenPage) -> None:
+    page = (await open_page(bridge.http_url + "/")).page
+    await subscribe_with_button(page, "exact.>")
+    note = "The quick brown fox jumps over the lazy dog, and then it keeps running for a while."
+    payload = ('{"id":7,"note":"' + note + '"}').encode()
+    await publish_until_seen(nc, rows(page, "exact.note"), "exact.note", payload)
+    row = rows(page, "exact.note")
+    await expect(row.locator("pre")).to_have_text('{\n  "id": 7,\n  "note": "' + note + '"\n}')
+    await expect(row.locator("details")).to_have_count(0)  # four lines: nothing to fold
+
+    url = "https://example.com/" + "/".join(["segment"] * 12) + "?q=1"
+    await publish(nc, "exact.url", ('{"url": "' + url + '"}').encode())
+    await expect(rows(page, "exact.url").locator("pre")).to_have_text('{\n  "url": "' + url + '"\n}')
+
+    # Folded when long: the summary counts the lines the value really has.
+    items = [f"line {i} " + "word " * 12 for i in range(30)]
+    await publish(nc, "exact.list", json.dumps(items).encode())
+    summary = rows(page, "exact.list").locator("details summary")
+    await expect(summary).to_contain_text("32 lines")
+    await summary.click()
+    await expect(rows(page, "exact.list").locator("pre")).to_have_text(
+        "[\n" + ",\n".join(f'  "{item}"' for item in items) + "\n]")
+
+
+async def test_big_numbers_keep_the_payloads_own_digits(bridge: Any, nc: Any, open_page: OpenPage) -> None:
+    page = (await open_page(bridge.http_url + "/")).page
+    await subscribe_with_button(page, "digits.>")
+    hundred = "9" * 60 + "1234567890" * 4
+    await publish_until_seen(nc, rows(page, "digits.bare"), "digits.bare", hundred.encode())
+    await expect(rows(page, "digits.bare").locator("pre")).to_have_text(hundred)
+    await publish(nc, "digits.obj", f'{{"n": {hundred}, "small": 1.50, "e": -2E-7}}'.encode())
+    await expect(rows(page, "digits.obj").locator("pre")).to_have_text(
+        f'{{\n  "n": {hundred},\n  "small": 1.50,\n  "e": -2E-7\n}}')
+
+
+async def test_a_json_string_payload_looks_different_from_text(bridge: Any, nc: Any,
+                                                               open_page: OpenPage) -> None:
+    page = (await open_page(bridge.http_url + "/")).page
+    await subscribe_with_button(page, "kind.>")
+    await publish_until_seen(nc, rows(page, "kind.json"), "kind.json", b'"hello"')
+    await publish(nc, "kind.text", b"hello")
+    json_row, text_row = rows(page, "kind.json"), rows(page, "kind.text")
+    await expect(json_row.locator(".badge.json-string")).to_have_text("JSON string")
+    await expect(json_row.locator("pre")).to_have_text('"hello"')
+    await expect(text_row.locator(".badge.text")).to_have_text("text")
+    await expect(text_row.locator("pre")).to_have_text("hello")
+    await expect(json_row.locator(".badge.text")).to_have_count(0)
+
+
+async def test_each_row_shows_the_subscription_it_matched(bridge: Any, nc: Any, open_page: OpenPage) -> None:
+    page = (await open_page(bridge.http_url + "/")).page
+    await subscribe_with_button(page, "via.* via.deep.> via.exact")
+    await publish_until_seen(nc, rows(page, "via.one"), "via.one", b"1")
+    await publish(nc, "via.deep.a.b", b"2")
+    await publish(nc, "via.exact", b"3")
+    await expect(rows(page, "via.one").locator(".badge.via")).to_have_text("via via.*")
+    await expect(rows(page, "via.deep.a.b").locator(".badge.via")).to_have_text("via via.deep.>")
+    # Matched by the subject itself and by via.*: the wildcard is the news.
+    await expect(rows(page, "via.exact").locator(".badge.via")).to_have_text("via via.*")
+    await expect(rows(page, "via.exact")).to_have_attribute("data-matched", "via.* via.exact")
+
+
+async def test_the_examples_json_typed_into_the_first_box_subscribes(bridge: Any, nc: Any,
+                                                                      open_page: OpenPage) -> None:
+    example = '{"subjects":["test.subject"],"action":"subscribe"}'
+    page = (await open_page(bridge.http_url + "/")).page
+    field = page.get_by_label("Subject", exact=True)
+    status = page.locator("#subject-status")
+    await field.fill(example)
+    await field.press("Enter")
+    await expect(status).to_have_text("Successfully connected to events: 'test.subject'")
+    await expect(chip(page, "test.subject")).to_have_attribute("data-state", "subscribed")
+    await expect(page.locator("#subscriptions > li")).to_have_count(1)
+    assert server_subjects(bridge) == [{"test.subject"}]
+    await expect(field).to_have_value("")
+    await expect(page.locator("#raw-log > li").first.locator(".raw-request")).to_have_text(example)
+
+    # What is wrong is said in words, and the text stays to be fixed.
+    await field.fill('{"subjects": ["a",]}')
+    await field.press("Enter")
+    await expect(status).to_have_text(
+        "Not sent: this is not valid JSON. A value is missing before ] (character 19): "
+        "remove the comma before it.")
+    await expect(status).to_have_attribute("data-tone", "error")
+    await expect(field).to_have_value('{"subjects": ["a",]}')
+    await field.fill("{'subjects': ['a']}")
+    await field.press("Enter")
+    await expect(status).to_contain_text('Use double quotes (") around names and text, not single quotes')
+    assert server_subjects(bridge) == [{"test.subject"}]
+
+    # The raw box starts empty (nothing to type into the middle of), the example shown in it.
+    await page.reload()
+    raw = page.get_by_label("JSON request")
+    await expect(raw).to_have_value("")
+    await expect(raw).to_have_attribute("placeholder", example)
+
+
 async def test_screenshot_for_the_readme(bridge: Any, nc: Any, open_page: OpenPage, tmp_path: Path) -> None:
     """The page at desktop width with a few messages; UPDATE_SCREENSHOT=1 writes docs/page.png.
 
@@ -627,8 +549,9 @@ async def test_screenshot_for_the_readme(bridge: Any, nc: Any, open_page: OpenPa
                              b"21.4")
     await publish(nc, "orders.shipped", b"order 1042 left the warehouse", headers={"Trace-Id": "7f3a9c"})
     await publish(nc, "orders.audit", bytes(range(250, 256)) + b"\x00\x01binary")
+    await publish(nc, "orders.note", b'"gift wrap, please"')
     await publish(nc, "test.subject", json.dumps(feed.test_message()).encode())
-    await expect(page.locator("#messages > li")).to_have_count(6)
+    await expect(page.locator("#messages > li")).to_have_count(7)
     await asyncio.sleep(1.1)  # one tick of the rate
     await page.get_by_label("Subject", exact=True).blur()
 

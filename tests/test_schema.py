@@ -116,8 +116,10 @@ async def test_publish_reply_and_publishing_welcome_validate(nats_server, bridge
 MESSAGES = {
     "json-object": (b'{"key1": "value1", "n": [1, 2.5, null]}', {}, lambda f: isinstance(f["data"], dict)),
     "json-number": (b"12345678901234567890", {}, lambda f: f["data"] == 12345678901234567890),
-    "text": (b"plain text, not JSON", {}, lambda f: f["data"] == "plain text, not JSON"),
-    "empty": (b"", {}, lambda f: f["data"] == ""),
+    "text": (b"plain text, not JSON", {}, lambda f: f["data"] == "plain text, not JSON"
+             and f["encoding"] == "text"),
+    "json-string": (b'"a JSON string"', {}, lambda f: f["data"] == "a JSON string" and "encoding" not in f),
+    "empty": (b"", {}, lambda f: f["data"] == "" and f["encoding"] == "text"),
     "base64": (b"\x00\x01\xfe\xff", {}, lambda f: f.get("encoding") == "base64"),
     "headers-and-reply": (
         b'"x"',
@@ -200,6 +202,8 @@ MALFORMED_SERVER_FRAMES = {
     "message-with-a-type": {"subject": "a.b", "data": 1, "type": "message"},
     "message-base64-not-a-string": {"subject": "a.b", "data": [1, 2], "encoding": "base64"},
     "message-base64-bad-alphabet": {"subject": "a.b", "data": "not base64!", "encoding": "base64"},
+    "message-text-not-a-string": {"subject": "a.b", "data": {"a": 1}, "encoding": "text"},
+    "message-unknown-encoding": {"subject": "a.b", "data": "x", "encoding": "utf-16"},
     "message-header-not-a-string": {"subject": "a.b", "data": 1, "headers": {"k": 1}},
     "unknown-type": {"success": True, "type": "bonus", "message": "x"},
     "not-an-object": ["subject", "data"],

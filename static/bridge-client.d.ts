@@ -1,0 +1,185 @@
+// Types for bridge-client.js: a client for the NATS ⇄ WebSocket bridge (docs/protocol.md).
+
+/** A reply frame from the bridge. */
+export interface Reply {
+  success: boolean;
+  message: string;
+  type: "reply";
+  id?: string | number | boolean;
+  action?: "subscribe" | "unsubscribe" | "publish";
+  subjects?: string[];
+  /** "http" when a backend made the request through POST /clients/{connection_id}. */
+  source?: "http";
+  [member: string]: unknown;
+}
+
+/** An Error whose message is the bridge's reply message. */
+export interface ReplyError extends Error {
+  reply?: Reply;
+}
+
+export type ConnectionState = "connecting" | "connected" | "disconnected";
+
+export interface StateDetail {
+  /** The WebSocket close code of the connection that ended (1001 shutdown, 1008 flooding,
+   * 1009 frame too large, 1013 slow consumer, 1006 lost or refused, ...). */
+  code?: number;
+  reason?: string;
+  /** The connection that ended had been welcomed by the bridge. */
+  wasConnected?: boolean;
+  /** close() was called: no reconnecting until connect(). */
+  closed?: boolean;
+  /** The browser says it is offline. */
+  offline?: boolean;
+  attempt?: number;
+  /** Milliseconds until the next attempt, and when (Date.now() clock). */
+  retryIn?: number;
+  retryAt?: number;
+  connectionId?: string;
+}
+
+export interface WelcomeFrame {
+  success: true;
+  data: "Successfully connected";
+  type: "welcome";
+  connection_id: string;
+  protocol: number;
+  nats: "connected" | "disconnected";
+  publish: boolean;
+}
+
+export interface StatusFrame {
+  success: boolean;
+  type: "status";
+  nats: "connected" | "disconnected";
+  message: string;
+}
+
+export interface DroppedFrame {
+  success: false;
+  type: "dropped";
+  dropped: number;
+  message: string;
+}
+
+export interface BridgeClientOptions {
+  /** Sent as ?token= (browsers cannot set headers on a WebSocket). */
+  token?: string | null;
+  /** Supplies a fresh token when one is needed: before the first connection if there is no
+   * token, and after a handshake the bridge refused. */
+  getToken?: () => Promise<string> | string;
+  /** Connect at once (default true); with false, call connect(). */
+  connect?: boolean;
+  /** A WebSocket implementation (default: the global one).  WorkerWebSocket from
+   * worker-socket.js keeps the socket in a worker, so that bursts never block the page. */
+  WebSocket?: new (url: string) => Pick<WebSocket, "send" | "close" | "onopen" | "onmessage" | "onclose">;
+  /** First reconnect delay ceiling in ms (default 500); doubles per attempt... */
+  minDelay?: number;
+  /** ...up to this (default 20000).  The delay is a random share of the ceiling (full jitter). */
+  maxDelay?: number;
+  /** At least this long (ms, default 2000) after close codes 1008 and 1013. */
+  laterDelay?: number;
+  /** A connection that lived this long (ms, default 5000) starts the backoff over. */
+  stableAfter?: number;
+  /** Requests per second, and burst, this client sends at most (default 15 and 15: under the
+   * bridge's default CONTROL_RATE of 20). */
+  requestsPerSecond?: number;
+  requestBurst?: number;
+  /** Subjects per subscribe request (default 50: the bridge's MAX_SUBJECTS_PER_REQUEST). */
+  maxSubjectsPerRequest?: number;
+}
+
+/** One NATS message. */
+export interface BridgeMessage {
+  subject: string;
+  /** JSON.parse's value for a JSON payload; the text ("text"), or base64 ("base64"). */
+  data: unknown;
+  /** "text": UTF-8 that is not JSON; "base64": raw bytes; undefined: the payload is JSON. */
+  encoding?: "text" | "base64";
+  headers?: Record<string, string>;
+  reply?: string;
+  /** This client's subscriptions (subjects or patterns) that match `subject`, on arrival. */
+  matches: string[];
+  /** The frame as received. */
+  frame: string;
+  /** Date.now() on arrival. */
+  receivedAt: number;
+  /** The payload's JSON text exactly as published (digits, spelling, key order). */
+  readonly dataJson: string;
+}
+
+export type SubscriptionState = "pending" | "subscribed" | "failed" | "closed";
+
+export declare class Subscription {
+  readonly client: BridgeClient;
+  /** Its subjects, each once. */
+  subjects: string[];
+  /** Members added to its subscribe request frames. */
+  readonly options: Record<string, unknown>;
+  state: SubscriptionState;
+  error: string | null;
+  /** The bridge's reply once subscribed; rejects with a ReplyError if it refused. */
+  ready: Promise<Reply>;
+  on(event: "message", fn: (message: BridgeMessage) => void): () => void;
+  on(event: "state", fn: (state: SubscriptionState, error: string | null) => void): () => void;
+  off(event: string, fn: (...args: any[]) => void): void;
+  /** Resolves with the bridge's replies (one per subject no other subscription holds). */
+  unsubscribe(): Promise<Reply[]>;
+}
+
+export interface SubjectState {
+  subject: string;
+  state: "pending" | "subscribed" | "removing" | "failed";
+  error: string | null;
+}
+
+export declare class BridgeClient {
+  constructor(url: string | URL, options?: BridgeClientOptions);
+  readonly url: string;
+  state: ConnectionState;
+  /** From the welcome frame; null while not connected. */
+  connectionId: string | null;
+  /** The bridge's link to NATS. */
+  nats: "connected" | "disconnected" | null;
+  /** Whether this bridge lets clients publish (PUBLISH_ALLOW). */
+  canPublish: boolean;
+
+  /** A subject or several; NATS wildcards allowed.  Members of `options` go into the request
+   * frame as they are (`id` becomes the request's id).  Subscribing to something already
+   * held resolves. */
+  subscribe(subjects: string | readonly string[], options?: Record<string, unknown>): Subscription;
+  /** Drop these subjects from every subscription holding them; resolves with the replies. */
+  unsubscribe(subjects: string | readonly string[]): Promise<Reply[]>;
+  /** A string goes as text, bytes as base64, other values as JSON; with {json: true} `data` is
+   * JSON text sent verbatim.  Resolves with the reply; rejects with a ReplyError. */
+  publish(subject: string, data: unknown, options?: { json?: boolean; encoding?: "base64" }): Promise<Reply>;
+  /** Any request, as an object or as text sent as typed; resolves with all its replies. */
+  send(request: object | string): Promise<Reply[]>;
+  /** Every subject held or wanted, with its state. */
+  subjects(): SubjectState[];
+  /** Connect again after close(). */
+  connect(): void;
+  /** Try now rather than at the next scheduled attempt. */
+  reconnect(): void;
+  /** Close and stop reconnecting; subscriptions are kept for connect(). */
+  close(): void;
+
+  on(event: "message", fn: (message: BridgeMessage) => void): () => void;
+  on(event: "state", fn: (state: ConnectionState, detail: StateDetail) => void): () => void;
+  on(event: "welcome", fn: (frame: WelcomeFrame) => void): () => void;
+  on(event: "status", fn: (frame: StatusFrame) => void): () => void;
+  on(event: "dropped", fn: (frame: DroppedFrame) => void): () => void;
+  /** Every reply; `matched` is false for replies to no request of this client. */
+  on(event: "reply", fn: (frame: Reply, matched: boolean) => void): () => void;
+  on(event: "subjects", fn: (subjects: SubjectState[]) => void): () => void;
+  /** After a reconnect, once every renewal request is answered. */
+  on(event: "resubscribed", fn: (result: { renewed: string[]; failed: { subject: string; error: string }[] }) => void): () => void;
+  on(event: "error", fn: (error: Error) => void): () => void;
+  off(event: string, fn: (...args: any[]) => void): void;
+}
+
+/** NATS wildcard matching (`*` one token, `>` the rest). */
+export declare function subjectMatches(pattern: string, subject: string): boolean;
+
+/** The verbatim text of one member of a JSON object's text. */
+export declare function memberText(text: string, name: string): string | undefined;

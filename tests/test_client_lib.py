@@ -1,0 +1,377 @@
+"""static/bridge-client.js on its own, in real Chromium, against a real bridge and nats-server.
+
+Each test opens a document of the bridge's own that runs no script (``/healthz``: the
+bridge admits same-origin pages, and Chromium lets a page served from 127.0.0.1 open
+sockets there), imports /static/bridge-client.js in it and drives a BridgeClient through
+``page.evaluate``.  What the client saw is recorded in ``window.log``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+from typing import Any
+
+import chromium
+import pytest
+from chromium import TIMEOUT_MS, WS_REFUSED, OpenPage, Page, wait_listening
+from conftest import NatsServer, eventually, free_port, unique
+
+browser = chromium.browser
+open_page = chromium.open_page
+
+# The harness document has no favicon: Chromium asks for /favicon.ico all the same.
+NO_FAVICON = re.compile(r"^Failed to load resource: the server responded with a status of 404")
+
+# Loads the library and starts a client; everything it reports goes into window.log.
+START = """async ({url, options, worker}) => {
+  const lib = await import("/static/bridge-client.js");
+  window.lib = lib;
+  window.log = {states: [], messages: [], resubscribed: [], replies: [], errors: []};
+  if (worker) options.WebSocket = (await import("/static/worker-socket.js")).WorkerWebSocket;
+  const client = new lib.BridgeClient(url, options);
+  client.on("state", (state, detail) => log.states.push([state, detail.code ?? null]));
+  client.on("message", (m) => log.messages.push({
+    subject: m.subject, data: m.data, dataJson: m.dataJson, encoding: m.encoding ?? null, matches: m.matches,
+  }));
+  client.on("resubscribed", (r) => log.resubscribed.push(r));
+  client.on("reply", (frame) => log.replies.push(frame));
+  client.on("error", (err) => log.errors.push(String(err.message || err)));
+  window.client = client;
+}"""
+
+
+async def harness(open_page: OpenPage, http_url: str, **options: Any) -> Page:
+    """A blank page on the bridge's origin with a client connected to its /stream."""
+    allow = (*options.pop("allow", ()), NO_FAVICON)
+    watched = await open_page(http_url + "/healthz", connected=False, allow=allow)
+    page = watched.page
+    url = options.pop("url", http_url.replace("http", "ws", 1) + "/stream")
+    worker = options.pop("worker", False)
+    await page.evaluate(START, {"url": url, "options": options, "worker": worker})
+    if options.get("connect", True):
+        await connected(page)
+    return page
+
+
+async def connected(page: Page) -> None:
+    await page.wait_for_function("() => client.state === 'connected'", timeout=TIMEOUT_MS)
+
+
+async def messages(page: Page, subject: str, count: int = 1) -> list[dict[str, Any]]:
+    await page.wait_for_function(
+        "([s, n]) => log.messages.filter((m) => m.subject === s).length >= n", arg=[subject, count],
+        timeout=TIMEOUT_MS,
+    )
+    return await page.evaluate("(s) => log.messages.filter((m) => m.subject === s)", subject)
+
+
+async def publish_until(nc: Any, page: Page, subject: str, payload: bytes) -> None:
+    """Publish until the client has the message: its SUB may still be on its way to NATS."""
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    while True:
+        await nc.publish(subject, payload)
+        await nc.flush(timeout=5)
+        try:
+            await page.wait_for_function(
+                "(s) => log.messages.some((m) => m.subject === s)", arg=subject, timeout=300)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+
+
+def held(bridge: Any) -> list[set[str]]:
+    return [set(client.subjects) for client in bridge.manager.clients.values()]
+
+
+# ---------------------------------------------------------------------------
+# Subscribe, receive, unsubscribe
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", ["websocket", "worker"])
+async def test_subscribe_resolves_with_the_reply_delivers_messages_and_unsubscribe_stops_them(
+    transport: str, bridge: Any, nc: Any, open_page: OpenPage
+) -> None:
+    """With the page's WebSocket, and with WorkerWebSocket (the socket in a worker)."""
+    page = await harness(open_page, bridge.http_url, worker=transport == "worker")
+    in_worker = await page.evaluate(
+        "async () => client._ws instanceof (await import('/static/worker-socket.js')).WorkerWebSocket")
+    assert in_worker is (transport == "worker")
+    base = unique("lib")
+    reply = await page.evaluate(
+        """async (base) => {
+            window.sub = client.subscribe([base + ".*", base + ".exact"]);
+            window.subMessages = [];
+            sub.on("message", (m) => subMessages.push(m.subject));
+            return await sub.ready;
+        }""",
+        base,
+    )
+    assert reply["success"] is True and reply["type"] == "reply"
+    assert reply["message"] == f"Successfully connected to events: '{base}.*', '{base}.exact'"
+    assert held(bridge) == [{base + ".*", base + ".exact"}]
+    assert await page.evaluate("sub.state") == "subscribed"
+
+    await publish_until(nc, page, base + ".exact", b'{"n": 1}')
+    [first] = await messages(page, base + ".exact")
+    assert first["data"] == {"n": 1} and first["encoding"] is None
+    # The client works out which of its subscriptions matched (the bridge sends the subject only).
+    assert sorted(first["matches"]) == sorted([base + ".*", base + ".exact"])
+    assert await page.evaluate("subMessages") == [base + ".exact"]
+
+    replies = await page.evaluate("async () => (await sub.unsubscribe()).map((r) => r.message)")
+    assert sorted(replies) == sorted(
+        f"Successfully unsubscribed from event: {s}" for s in (base + ".*", base + ".exact"))
+    assert held(bridge) == [set()]
+    assert await page.evaluate("[sub.state, client.subjects().length]") == ["closed", 0]
+
+    # Published in this order on one connection: once the control message is in, the
+    # other would have been too.
+    other = unique("lib")
+    await page.evaluate("(s) => client.subscribe(s).ready", other)
+    await nc.publish(base + ".exact", b"after")
+    await publish_until(nc, page, other, b"control")
+    assert len(await messages(page, base + ".exact")) == 1
+
+
+async def test_subscribing_to_a_held_subject_again_resolves_and_keeps_it_for_the_other_holder(
+    bridge: Any, nc: Any, open_page: OpenPage
+) -> None:
+    page = await harness(open_page, bridge.http_url)
+    subject = unique("lib")
+    results = await page.evaluate(
+        """async (s) => {
+            window.a = client.subscribe(s);
+            window.b = client.subscribe(s);             // while the first is still in flight
+            const first = await Promise.all([a.ready, b.ready]);
+            window.c = client.subscribe([s, s]);        // once held; listed twice
+            return [...first, await c.ready].map((r) => [r.success, r.subjects]);
+        }""",
+        subject,
+    )
+    assert results == [[True, [subject]]] * 3
+    assert held(bridge) == [{subject}]
+
+    # Dropping two of the three holders leaves the subject held: the bridge is not told.
+    await page.evaluate("async () => { await a.unsubscribe(); await c.unsubscribe(); }")
+    assert held(bridge) == [{subject}]
+    assert await page.evaluate("client.subjects()") == [
+        {"subject": subject, "state": "subscribed", "error": None}]
+    await publish_until(nc, page, subject, b"still here")
+    await page.evaluate("() => b.unsubscribe()")
+    assert held(bridge) == [set()]
+
+
+async def test_a_refused_subscribe_rejects_ready_with_the_bridges_message(
+    nats_server: NatsServer, bridge_factory: Any, open_page: OpenPage
+) -> None:
+    bridge = await bridge_factory(nats_url=nats_server.url, subject_allow=("allowed.>",))
+    page = await harness(open_page, bridge.http_url)
+    outcome = await page.evaluate(
+        """async () => {
+            const good = client.subscribe("allowed.one");
+            const bad = client.subscribe(["allowed.two", "denied.x"]);
+            const results = await Promise.allSettled([good.ready, bad.ready]);
+            return {
+                results: results.map((r) => r.status === "fulfilled" ? r.value.message : r.reason.message),
+                isError: results[1].reason instanceof Error,
+                states: [good.state, bad.state],
+                subjects: client.subjects().map((s) => s.subject),
+            };
+        }"""
+    )
+    [good, bad] = outcome["results"]
+    assert good == "Successfully connected to events: 'allowed.one'"
+    assert bad.startswith("Subject 'denied.x' is not allowed")
+    assert outcome["isError"] is True
+    assert outcome["states"] == ["subscribed", "failed"]
+    # All or nothing, as the bridge did it: allowed.two went with the refused request.
+    assert outcome["subjects"] == ["allowed.one"]
+    assert held(bridge) == [{"allowed.one"}]
+
+
+# ---------------------------------------------------------------------------
+# Publish
+# ---------------------------------------------------------------------------
+
+
+async def test_publish_resolves_with_the_reply_and_reaches_nats_with_every_digit(
+    nats_server: NatsServer, bridge_factory: Any, nc: Any, open_page: OpenPage
+) -> None:
+    bridge = await bridge_factory(nats_url=nats_server.url, publish_allow=("lib.pub.>",))
+    on_nats = await nc.subscribe("lib.pub.>")
+    await nc.flush(timeout=5)
+    page = await harness(open_page, bridge.http_url)
+    assert await page.evaluate("client.canPublish") is True
+
+    reply = await page.evaluate("() => client.publish('lib.pub.a', {n: 1, s: 'x'})")
+    assert (reply["success"], reply["message"]) == (True, "Published to lib.pub.a")
+    assert (await on_nats.next_msg(timeout=TIMEOUT_MS / 1000)).data == b'{"n": 1, "s": "x"}'
+
+    # JSON text goes verbatim: the digits JavaScript's numbers would round survive.
+    await page.evaluate(
+        """() => client.publish('lib.pub.b', '{"big": 12345678901234567890}', {json: true})""")
+    assert (await on_nats.next_msg(timeout=TIMEOUT_MS / 1000)).data == b'{"big": 12345678901234567890}'
+    await page.evaluate("() => client.publish('lib.pub.c', 'plain words')")
+    assert (await on_nats.next_msg(timeout=TIMEOUT_MS / 1000)).data == b"plain words"
+    await page.evaluate("() => client.publish('lib.pub.d', btoa('\\x00\\xff\\x01'), {encoding: 'base64'})")
+    assert (await on_nats.next_msg(timeout=TIMEOUT_MS / 1000)).data == b"\x00\xff\x01"
+
+    refused = await page.evaluate(
+        "() => client.publish('lib.other', 1).then(() => 'resolved', (err) => err.message)")
+    assert refused.startswith("Publishing to 'lib.other' is not allowed")
+
+
+async def test_publish_rejects_where_the_bridge_has_publishing_off(bridge: Any, open_page: OpenPage) -> None:
+    page = await harness(open_page, bridge.http_url)
+    assert await page.evaluate("client.canPublish") is False
+    refused = await page.evaluate(
+        "() => client.publish('x.y', 1).then(() => 'resolved', (err) => err.message)")
+    assert refused == "Publishing is disabled on this bridge"
+
+
+# ---------------------------------------------------------------------------
+# Messages as the payload wrote them
+# ---------------------------------------------------------------------------
+
+
+async def test_messages_keep_the_payloads_own_text_and_say_text_from_json_string(
+    bridge: Any, nc: Any, open_page: OpenPage
+) -> None:
+    page = await harness(open_page, bridge.http_url)
+    subject = unique("lib")
+    await page.evaluate("(s) => client.subscribe(s).ready", subject)
+    exact = b'{"z": 1, "2": [1.0, 1E+2], "big": 123456789012345678901234567890}'
+    await publish_until(nc, page, subject, exact)
+    await nc.publish(subject, b'"hello"')
+    await nc.publish(subject, b"hello")
+    await nc.flush(timeout=5)
+    [as_json, json_string, text] = await messages(page, subject, 3)
+    assert as_json["dataJson"] == exact.decode()
+    assert as_json["data"]["big"] != 123456789012345678901234567890  # what JSON.parse alone gives
+    assert (json_string["data"], json_string["encoding"]) == ("hello", None)
+    assert json_string["dataJson"] == '"hello"'
+    assert (text["data"], text["encoding"]) == ("hello", "text")
+
+
+# ---------------------------------------------------------------------------
+# Reconnecting
+# ---------------------------------------------------------------------------
+
+
+async def test_many_requests_in_a_row_stay_under_the_bridges_rate_limit(
+    bridge: Any, open_page: OpenPage
+) -> None:
+    """40 subscribe calls at once: twice the bridge's burst of 20 (CONTROL_RATE)."""
+    page = await harness(open_page, bridge.http_url)
+    base = unique("lib")
+    outcome = await page.evaluate(
+        """async (base) => {
+            const subs = [];
+            for (let i = 0; i < 40; i++) subs.push(client.subscribe(`${base}.${i}`));
+            const results = await Promise.allSettled(subs.map((s) => s.ready));
+            return results.map((r) => r.status === "fulfilled" ? "ok" : r.reason.message);
+        }""",
+        base,
+    )
+    assert outcome == ["ok"] * 40
+    assert held(bridge) == [{f"{base}.{i}" for i in range(40)}]
+    assert await page.evaluate("log.replies.filter((r) => /Rate limit/.test(r.message)).length") == 0
+
+
+async def test_reconnects_after_a_bridge_restart_and_renews_every_subscription(
+    nats_server: NatsServer, bridge_process: Any, nc: Any, open_page: OpenPage
+) -> None:
+    """130 subjects (over the bridge's 50 per request) in subscriptions of every shape."""
+    port = free_port()
+    name = f"libtest_{os.getpid()}_{time.monotonic_ns()}"
+    env = {"HTTP_PORT": str(port), "NATS_URL": nats_server.url, "TEST_PUBLISH_INTERVAL": "0",
+           "LOG_LEVEL": "WARNING", "MAX_SUBSCRIPTIONS": "200", "SERVICE_NAME": name}
+    first = bridge_process(env=env, wait=False)
+    await wait_listening(port, first.proc)
+    page = await harness(open_page, f"http://127.0.0.1:{port}", allow=(WS_REFUSED,))
+    base = unique("lib")
+    wanted = {f"{base}.big.{i}" for i in range(100)} | {f"{base}.one.{i}" for i in range(30)}
+    await page.evaluate(
+        """async (base) => {
+            const big = [];
+            for (let i = 0; i < 100; i++) big.push(`${base}.big.${i}`);
+            const subs = [client.subscribe(big)];   // more than one request takes
+            for (let i = 0; i < 30; i++) subs.push(client.subscribe(`${base}.one.${i}`));
+            await Promise.all(subs.map((s) => s.ready));
+            window.subs = subs;
+        }""",
+        base,
+    )
+    assert set(nats_server.subscriptions_of(name)) == wanted
+
+    code, _ = await asyncio.to_thread(first.stop)
+    assert code == 0
+    await page.wait_for_function("() => client.state !== 'connected'", timeout=TIMEOUT_MS)
+    second = bridge_process(env=env, wait=False)
+    await wait_listening(port, second.proc)
+    await page.wait_for_function("() => log.resubscribed.length === 1", timeout=30_000)
+    renewal = await page.evaluate("log.resubscribed[0]")
+    assert renewal["failed"] == [] and set(renewal["renewed"]) == wanted
+    await eventually(lambda: set(nats_server.subscriptions_of(name)) == wanted)
+    assert await page.evaluate("subs.every((s) => s.state === 'subscribed')")
+    states = await page.evaluate("log.states")
+    assert states[-1] == ["connected", None]
+    assert ["disconnected", 1001] in states  # the first bridge said it was shutting down
+    assert await page.evaluate("log.replies.filter((r) => !r.success).length") == 0
+
+    await publish_until(nc, page, f"{base}.big.99", b"after")
+    await publish_until(nc, page, f"{base}.one.29", b"after")
+
+
+async def test_a_token_comes_from_get_token_when_the_handshake_is_refused(
+    nats_server: NatsServer, bridge_factory: Any, open_page: OpenPage
+) -> None:
+    bridge = await bridge_factory(nats_url=nats_server.url, auth_tokens=("t1",))
+    page = await harness(open_page, bridge.http_url, connect=False, allow=(WS_REFUSED,))
+    await page.evaluate(
+        """() => {
+            window.tokenCalls = 0;
+            // A stale token first: refused; getToken is asked for a fresh one and that one works.
+            window.client2 = new lib.BridgeClient(client.url, {
+                token: "stale", minDelay: 50,
+                getToken: async () => { tokenCalls += 1; return "t1"; },
+            });
+        }"""
+    )
+    await page.wait_for_function("() => client2.state === 'connected'", timeout=TIMEOUT_MS)
+    assert await page.evaluate("tokenCalls") == 1
+    assert len(bridge.manager.clients) == 1
+    await page.evaluate("() => client2.close()")
+
+
+async def test_offline_closes_and_online_reconnects_at_once_renewing_subscriptions(
+    bridge: Any, nc: Any, open_page: OpenPage
+) -> None:
+    # Offline, the next attempt waits up to maxDelay: here far beyond the test, so only the
+    # online event can bring the connection back in time.
+    page = await harness(open_page, bridge.http_url, allow=(WS_REFUSED,), maxDelay=600_000)
+    subject = unique("lib")
+    await page.evaluate("(s) => client.subscribe(s).ready", subject)
+    await page.context.set_offline(True)
+    await page.wait_for_function("() => client.state === 'disconnected'", timeout=TIMEOUT_MS)
+    await page.context.set_offline(False)
+    await page.wait_for_function("() => log.resubscribed.length === 1", timeout=TIMEOUT_MS)
+    assert held(bridge) == [{subject}]
+    await publish_until(nc, page, subject, b"back")
+
+
+def test_the_type_declarations_cover_the_fixed_api() -> None:
+    """bridge-client.d.ts declares what the issue fixed (other tools rely on it)."""
+    from conftest import ROOT
+
+    dts = (ROOT / "static" / "bridge-client.d.ts").read_text()
+    for needle in ["export declare class BridgeClient", "constructor(url: string", "token?:", "getToken?:",
+                   "subscribe(subjects: string | readonly string[]", "ready: Promise<Reply>",
+                   "unsubscribe(): Promise<", 'on(event: "message"', 'on(event: "state"',
+                   '"connecting" | "connected" | "disconnected"', "publish(subject: string", "close(): void"]:
+        assert needle in dts, needle
