@@ -356,8 +356,8 @@ class WSSManager:
                 return reply(False, f"Could not read history: {exc}", request_id,
                              action="subscribe", subjects=subjects)
         else:
-            streams = {s: {"stream": t.feed.stream, "epoch": t.epoch} for s in subjects
-                       if (t := self.topics.get(s)) is not None and t.feed is not None}
+            streams = {s: {"stream": t.feed.stream, "epoch": t.epoch, "last_seq": t.feed.last_seq}
+                       for s in subjects if (t := self.topics.get(s)) is not None and t.feed is not None}
             if streams:
                 extra["streams"] = streams
         return reply(True, msg_subscribed(subjects), request_id, action="subscribe", subjects=subjects,
@@ -394,7 +394,10 @@ class WSSManager:
                     topic.release(client, 0)
             raise
         client.catch_ups.extend(plans)
-        extra: dict[str, Any] = {"streams": {p.pattern: p.describe() for p in plans}}
+        # last_seq: where this client stands once the history is sent: every later
+        # message reaches it live, so a resume from there loses nothing.
+        extra: dict[str, Any] = {"streams": {
+            p.pattern: {**p.describe(), "last_seq": self.topics[p.pattern].feed.last_seq} for p in plans}}
         if spec.mode == "after_seq":
             extra["recovered"] = all(p.recovered for p in plans)
             if len(plans) == 1 and not plans[0].recovered:

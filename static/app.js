@@ -37,6 +37,8 @@ const ui = {
   connRetry: $("conn-retry"),
   connToggle: $("conn-toggle"),
   connectionId: $("connection-id"),
+  user: $("user"),
+  history: $("history"),
   publishPanel: $("publish-panel"),
   publishForm: $("publish-form"),
   publishSubject: $("publish-subject"),
@@ -130,8 +132,10 @@ const CLOSE_TEXT = {
   1009: "The bridge closed the connection because a request was larger than it accepts (code 1009)",
   1011: "The bridge closed the connection after an internal error (code 1011)",
   1013: "The bridge cut this page off because it fell behind reading messages (slow consumer, code 1013)",
+  4001: "Your access token expired, so the bridge closed the connection (code 4001)",
+  4003: "A backend closed this connection (code 4003)",
 };
-const SAID_CLOSES = new Set([1001, 1008, 1013]); // their reason only repeats the text above
+const SAID_CLOSES = new Set([1001, 1008, 1013, 4001]); // their reason only repeats the text above
 const ERROR_CLOSES = new Set([1008, 1009, 1011, 1013]);
 
 function describeClose({ code, reason }) {
@@ -174,6 +178,15 @@ client.on("state", (state, detail) => {
   }
   ui.connectionId.textContent = "—";
   setNats("unknown");
+  if (detail.code === 4001 || detail.code === 4003) {
+    // Not reconnecting by itself: an expired token stays expired, and a backend meant it.
+    const next = detail.code === 4001
+      ? ` Open this page with a new token (${window.location.pathname}?token=…) to go on.`
+      : " Connect again if you should still be here.";
+    setState("closed");
+    setDetail(describeClose(detail) + "." + next, "error");
+    return;
+  }
   if (detail.closed) {
     setState("closed");
     setDetail("Disconnected. Subscriptions are kept and renewed when you connect.");
@@ -205,8 +218,18 @@ client.on("state", (state, detail) => {
   ui.connState.title = `attempt ${detail.attempt}`;
 });
 
+function until(expiresAt) {
+  return clock(new Date(expiresAt * 1000)).slice(0, 5);
+}
+
 client.on("welcome", (frame) => {
   ui.connectionId.textContent = String(frame.connection_id ?? "—");
+  // With JWT on the bridge says who this is; the name is the token's, shown as text.
+  ui.user.hidden = typeof frame.user !== "string";
+  if (!ui.user.hidden) {
+    ui.user.textContent = `Signed in as ${frame.user}`;
+    ui.user.title = `The token expires at ${until(frame.expires_at)}`;
+  }
   setNats(frame.nats);
   ui.publishPanel.hidden = frame.publish !== true;
 });
@@ -217,6 +240,11 @@ client.on("status", (frame) => {
 });
 
 client.on("error", (err) => setDetail(String(err.message || err), "error"));
+
+client.on("expiring", (frame) => {
+  setDetail(`Your access token expires at ${until(frame.expires_at)}; this page cannot renew it. `
+    + "Open the page with a new token to stay connected.", "error");
+});
 
 ui.connToggle.addEventListener("click", () => {
   if (ui.connState.dataset.state === "closed") client.connect();
@@ -263,9 +291,32 @@ function renderChips(subjects) {
 
 client.on("subjects", renderChips);
 
+// After a reconnect, stored subjects resume where they left off (bridge-client.js); what
+// each resume found is said together with the renewal.
+const resumed = { notes: [], gap: false };
+
 client.on("resubscribed", ({ failed }) => {
-  if (failed.length === 0) setStatus(ui.subjectStatus, true, "Subscriptions renewed after reconnecting.");
+  const notes = resumed.notes.join(" ");
+  const gap = resumed.gap;
+  resumed.notes = [];
+  resumed.gap = false;
+  if (failed.length === 0) setStatus(ui.subjectStatus, !gap, `Subscriptions renewed after reconnecting. ${notes}`.trim());
   else setStatus(ui.subjectStatus, false, `Could not renew ${failed[0].subject}: ${failed[0].error}`);
+});
+
+client.on("recovered", ({ subject, count }) => {
+  resumed.notes.push(count
+    ? `Recovered ${plural(count, "message")} of ${subject} published meanwhile.`
+    : `Nothing of ${subject} was missed.`);
+});
+
+client.on("gap", ({ subject, afterSeq }) => {
+  const text = `Messages of ${subject} after #${afterSeq ?? "?"} were lost while disconnected: `
+    + "the stream no longer holds them all.";
+  resumed.notes.push(text);
+  resumed.gap = true;
+  pushBounded(view.paused ? view.held : view.pending, { gap: true, text, receivedAt: Date.now() });
+  schedule();
 });
 
 client.on("reply", (frame, matched) => {
@@ -296,7 +347,9 @@ function subscribeFromField() {
     ui.subject.focus();
     return;
   }
-  const sub = client.subscribe(subjects);
+  // Stored messages first, when the page asks for them (only subjects a stream stores have any).
+  const last = Number(ui.history.value);
+  const sub = client.subscribe(subjects, last > 0 ? { history: { last } } : {});
   ui.subject.value = "";
   if (client.state !== "connected") {
     setStatus(ui.subjectStatus, true, "Not connected: will subscribe once the connection is back.");
@@ -638,6 +691,13 @@ function renderMessage(msg) {
     row.dataset.matched = msg.matches.join(" ");
   }
   if (msg.reply) head.append(el("span", "badge reply", `reply → ${msg.reply}`));
+  if (msg.seq !== undefined) {
+    // Stored in a JetStream stream: its sequence, and "stored" when it came as history.
+    const badge = el("span", msg.history ? "badge stored" : "badge seq", msg.history ? `stored #${msg.seq}` : `#${msg.seq}`);
+    badge.title = msg.history ? "sent from the stream's history" : "its stream sequence";
+    head.append(badge);
+    if (msg.history) row.dataset.history = "true";
+  }
   row.append(head);
 
   if (msg.headers && typeof msg.headers === "object") {

@@ -6,7 +6,7 @@ export interface Reply {
   message: string;
   type: "reply";
   id?: string | number | boolean;
-  action?: "subscribe" | "unsubscribe" | "publish";
+  action?: "subscribe" | "unsubscribe" | "publish" | "refresh";
   subjects?: string[];
   /** "http" when a backend made the request through POST /clients/{connection_id}. */
   source?: "http";
@@ -22,12 +22,14 @@ export type ConnectionState = "connecting" | "connected" | "disconnected";
 
 export interface StateDetail {
   /** The WebSocket close code of the connection that ended (1001 shutdown, 1008 flooding,
-   * 1009 frame too large, 1013 slow consumer, 1006 lost or refused, ...). */
+   * 1009 frame too large, 1013 slow consumer, 1006 lost or refused, 4001 token expired,
+   * 4003 closed by a backend: no reconnecting then until connect()). */
   code?: number;
   reason?: string;
   /** The connection that ended had been welcomed by the bridge. */
   wasConnected?: boolean;
-  /** close() was called: no reconnecting until connect(). */
+  /** No reconnecting until connect(): close() was called, a backend closed the connection
+   * (4003), or the token expired (4001) and there is no getToken to get another. */
   closed?: boolean;
   /** The browser says it is offline. */
   offline?: boolean;
@@ -46,6 +48,9 @@ export interface WelcomeFrame {
   protocol: number;
   nats: "connected" | "disconnected";
   publish: boolean;
+  /** With JWT on: the token's sub, and its exp (Unix seconds). */
+  user?: string;
+  expires_at?: number;
 }
 
 export interface StatusFrame {
@@ -66,7 +71,9 @@ export interface BridgeClientOptions {
   /** Sent as ?token= (browsers cannot set headers on a WebSocket). */
   token?: string | null;
   /** Supplies a fresh token when one is needed: before the first connection if there is no
-   * token, and after a handshake the bridge refused. */
+   * token, before the current one expires (the bridge's token_expiring: the new one is sent
+   * on the open socket as a refresh), and after a refused handshake or a 4001 close (then
+   * the client reconnects with it). */
   getToken?: () => Promise<string> | string;
   /** Connect at once (default true); with false, call connect(). */
   connect?: boolean;
@@ -98,6 +105,10 @@ export interface BridgeMessage {
   encoding?: "text" | "base64";
   headers?: Record<string, string>;
   reply?: string;
+  /** Its stream sequence, when a JetStream stream stores the subject (live messages too). */
+  seq?: number;
+  /** Sent as history the subscribe asked for (stored), rather than live. */
+  history: boolean;
   /** This client's subscriptions (subjects or patterns) that match `subject`, on arrival. */
   matches: string[];
   /** The frame as received. */
@@ -122,9 +133,22 @@ export declare class Subscription {
   ready: Promise<Reply>;
   on(event: "message", fn: (message: BridgeMessage) => void): () => void;
   on(event: "state", fn: (state: SubscriptionState, error: string | null) => void): () => void;
+  /** A reconnect could not recover every stored message missed (see BridgeClient "gap"). */
+  on(event: "gap", fn: (gap: Gap) => void): () => void;
   off(event: string, fn: (...args: any[]) => void): void;
   /** Resolves with the bridge's replies (one per subject no other subscription holds). */
   unsubscribe(): Promise<Reply[]>;
+}
+
+/** After a reconnect, stored messages of `subject` after `afterSeq` could not all be sent
+ * (the stream dropped them, was recreated, or there were more than MAX_HISTORY): they are
+ * lost to this client.  Live messages flow again; `firstSeq` is the oldest still stored. */
+export interface Gap {
+  subject: string;
+  afterSeq?: number;
+  stream: string;
+  epoch: string;
+  firstSeq?: number;
 }
 
 export interface SubjectState {
@@ -143,10 +167,15 @@ export declare class BridgeClient {
   nats: "connected" | "disconnected" | null;
   /** Whether this bridge lets clients publish (PUBLISH_ALLOW). */
   canPublish: boolean;
+  /** With JWT on: who the token says this is, and when it expires (Unix seconds). */
+  user: string | null;
+  expiresAt: number | null;
 
   /** A subject or several; NATS wildcards allowed.  Members of `options` go into the request
-   * frame as they are (`id` becomes the request's id).  Subscribing to something already
-   * held resolves. */
+   * frame as they are (`id` becomes the request's id; `history`, e.g. {last: 10}, asks for
+   * stored messages first).  Subscribing to something already held resolves.  After a
+   * reconnect, every subscription of a stored subject resumes after the last sequence it
+   * saw, so no stored message is lost across a drop (or a "gap" says which were). */
   subscribe(subjects: string | readonly string[], options?: Record<string, unknown>): Subscription;
   /** Drop these subjects from every subscription holding them; resolves with the replies. */
   unsubscribe(subjects: string | readonly string[]): Promise<Reply[]>;
@@ -174,6 +203,13 @@ export declare class BridgeClient {
   on(event: "subjects", fn: (subjects: SubjectState[]) => void): () => void;
   /** After a reconnect, once every renewal request is answered. */
   on(event: "resubscribed", fn: (result: { renewed: string[]; failed: { subject: string; error: string }[] }) => void): () => void;
+  /** The bridge warned that the token expires soon (getToken is then asked for a new one). */
+  on(event: "expiring", fn: (frame: { type: "token_expiring"; expires_at: number; message: string }) => void): () => void;
+  /** A token from getToken was accepted on the open socket; the reply has the new expires_at. */
+  on(event: "refreshed", fn: (reply: Reply) => void): () => void;
+  /** A reconnect resumed a stored subject with nothing missing; `count` stored messages follow. */
+  on(event: "recovered", fn: (result: { subject: string; afterSeq?: number; count: number }) => void): () => void;
+  on(event: "gap", fn: (gap: Gap) => void): () => void;
   on(event: "error", fn: (error: Error) => void): () => void;
   off(event: string, fn: (...args: any[]) => void): void;
 }

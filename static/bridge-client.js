@@ -13,7 +13,8 @@ const DEFAULTS = {
   maxSubjectsPerRequest: 50, // the bridge's MAX_SUBJECTS_PER_REQUEST default
 };
 const LATER = new Set([1008, 1013]);
-const TOKEN_EXPIRED = 4001; // reserved for token auth: get a fresh token, then reconnect
+const TOKEN_EXPIRED = 4001; // the token ran out: a fresh one from getToken, then reconnect
+const KICKED = 4003; // a backend closed this connection: no reconnecting until connect()
 const LOST = "No reply: the connection closed";
 const NEEDS_SUBJECTS = "a subject or a non-empty array of subjects is needed";
 
@@ -122,6 +123,8 @@ export class BridgeMessage {
     this.encoding = frame.encoding;
     this.headers = frame.headers;
     this.reply = frame.reply;
+    this.seq = frame.seq; // its stream sequence, when a JetStream stream stores it
+    this.history = frame.history === true; // sent as history (stored, asked for), not live
     this.matches = matches;
     this.frame = text;
     this.receivedAt = Date.now();
@@ -190,7 +193,7 @@ export class BridgeClient extends Emitter {
     super();
     const { token = null, getToken = null, connect = true, WebSocket: WS, ...tuning } = options;
     Object.assign(this, { url: String(url), options: { ...DEFAULTS, ...tuning }, state: "disconnected",
-      connectionId: null, nats: null, canPublish: false });
+      connectionId: null, nats: null, canPublish: false, user: null, expiresAt: null });
     this._WS = WS || globalThis.WebSocket; // or WorkerWebSocket (worker-socket.js)
     this._token = token;
     this._getToken = getToken;
@@ -382,6 +385,8 @@ export class BridgeClient extends Emitter {
     }
     this._changed();
     const detail = { code, reason, wasConnected };
+    // Without getToken an expired token stays expired: trying again would only be refused.
+    if (code === KICKED || (code === TOKEN_EXPIRED && !this._getToken)) this._closed = true;
     if (this._closed) return this._setState("disconnected", { ...detail, closed: true });
     // A refused handshake looks like this (the browser hides a 401): ask for a fresh token.
     if (lived < 0 || code === TOKEN_EXPIRED) this._needToken = true;
@@ -437,6 +442,8 @@ export class BridgeClient extends Emitter {
       this.connectionId = frame.connection_id;
       this.nats = frame.nats;
       this.canPublish = frame.publish === true;
+      this.user = frame.user ?? null;
+      this.expiresAt = frame.expires_at ?? null;
       this._welcomed = true;
       this._tokens = this.options.requestBurst;
       this._tokensAt = Date.now();
@@ -448,8 +455,29 @@ export class BridgeClient extends Emitter {
       this._emit("status", frame);
     } else if (type === "dropped") {
       this._emit("dropped", frame);
+    } else if (type === "token_expiring") {
+      this._emit("expiring", frame);
+      this._refresh();
     }
-    // Other types are a newer bridge's (token refresh, history gaps): to be handled here.
+    // Other types are a newer bridge's: ignored.
+  }
+
+  // Before the token runs out: a fresh one from getToken, on this very socket.
+  async _refresh() {
+    if (!this._getToken) return;
+    const generation = this._generation;
+    try {
+      const token = await this._getToken();
+      if (generation !== this._generation || !this._welcomed) return;
+      const id = this._newId();
+      const reply = await new Promise((resolve, reject) => this._enqueue({
+        kind: "refresh", text: JSON.stringify({ action: "refresh", token, id }), id, resolve, reject }));
+      this._token = token;
+      this.expiresAt = reply.expires_at ?? null;
+      this._emit("refreshed", reply);
+    } catch (err) {
+      this._emit("error", err); // at exp the bridge closes with 4001: a new token, then reconnect
+    }
   }
 
   _onMessage(frame, text) {
@@ -461,6 +489,13 @@ export class BridgeClient extends Emitter {
       this._matchCache.set(subject, matches);
     }
     const message = new BridgeMessage(frame, text, matches);
+    if (typeof frame.seq === "number") {
+      // Where each matching subscription stands in its stream: what a resume starts after.
+      for (const p of matches) {
+        const e = this._entries.get(p);
+        if (e && !(e.seq >= frame.seq)) e.seq = frame.seq;
+      }
+    }
     this._emit("message", message);
     for (const sub of this._subs) {
       if (sub._handlers.message && sub.subjects.some((s) => matches.includes(s))) sub._emit("message", message);
@@ -486,7 +521,7 @@ export class BridgeClient extends Emitter {
     req.replies.push(frame);
     if (req.kind === "subscribe") {
       this._onSubscribed(req, frame);
-    } else if (req.kind === "publish") {
+    } else if (req.kind === "publish" || req.kind === "refresh") {
       if (frame.success === true) req.resolve(frame);
       else req.reject(replyError(frame));
     } else {
@@ -534,19 +569,26 @@ export class BridgeClient extends Emitter {
   // then ask again for subscriptions still waiting for their first answer.
   _renew() {
     const groups = new Map();
+    const renewal = { left: 0, renewed: [], failed: [] };
+    const renew = (subjects, options, resume) => {
+      const id = this._newId();
+      renewal.left += 1;
+      this._enqueue({ kind: "subscribe", subjects, subs: [], renewal, resume, text: this._subscribeFrame(subjects, options, id), id });
+    };
     for (const e of this._entries.values()) {
       if (!e.confirmed) continue;
-      const key = JSON.stringify(e.options);
-      if (!groups.has(key)) groups.set(key, { options: e.options, subjects: [] });
+      // History was asked for once; a renewal asks only for what was missed meanwhile.
+      const { history, ...options } = e.options;
+      if (e.epoch && e.seq !== undefined) {
+        renew([e.subject], { ...options, history: { after_seq: e.seq, epoch: e.epoch } }, true);
+        continue;
+      }
+      const key = JSON.stringify(options);
+      if (!groups.has(key)) groups.set(key, { options, subjects: [] });
       groups.get(key).subjects.push(e.subject);
     }
-    const renewal = { left: 0, renewed: [], failed: [] };
     for (const g of groups.values()) {
-      for (const part of chunks(g.subjects, this.options.maxSubjectsPerRequest)) {
-        const id = this._newId();
-        renewal.left += 1;
-        this._enqueue({ kind: "subscribe", subjects: part, subs: [], renewal, text: this._subscribeFrame(part, g.options, id), id });
-      }
+      for (const part of chunks(g.subjects, this.options.maxSubjectsPerRequest)) renew(part, g.options, false);
     }
     this._renewal = renewal.left ? renewal : null;
     for (const sub of this._subs) if (!sub._settled && !sub._waiting) this._request(sub);
@@ -559,6 +601,23 @@ export class BridgeClient extends Emitter {
       if (!e || e.state === "removing") continue;
       if (ok) Object.assign(e, { state: "subscribed", confirmed: true, error: null });
       else if (req.renewal) Object.assign(e, { state: "failed", error: frame.message });
+      const info = ok && frame.streams?.[s];
+      if (!info) continue;
+      const resumed = req.resume && info.recovered !== undefined;
+      if (resumed && !info.recovered) {
+        // Messages were lost for good: say so, then carry on from where the stream is now.
+        const gap = { subject: s, afterSeq: e.seq, epoch: info.epoch, firstSeq: info.first_seq, stream: info.stream };
+        this._emit("gap", gap);
+        for (const sub of e.holders) sub._emit("gap", gap);
+        e.seq = undefined;
+      } else if (resumed) {
+        this._emit("recovered", { subject: s, afterSeq: e.seq, count: info.history ?? 0 });
+      }
+      if (e.epoch !== info.epoch) e.seq = undefined;
+      Object.assign(e, { stream: info.stream, epoch: info.epoch });
+      // With history to come, the messages themselves move the position (a drop half-way
+      // then resumes where they stopped); without, it is where the bridge says.
+      if (!(info.history > 0) && !(e.seq >= info.last_seq)) e.seq = info.last_seq;
     }
     const r = req.renewal;
     if (r) {

@@ -133,6 +133,14 @@ def nats_server() -> Iterator[NatsServer]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def js_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """A nats-server with JetStream, its store in a temporary directory."""
+    server = NatsServer(extra_args=["-js", "-sd", str(tmp_path_factory.mktemp("jetstream"))]).start()
+    yield server
+    server.stop()
+
+
 @pytest_asyncio.fixture
 async def nc(nats_server: NatsServer) -> AsyncIterator[nats.NATS]:
     client = await asyncio.wait_for(nats.connect(nats_server.url), TIMEOUT)

@@ -14,10 +14,13 @@ import re
 import time
 from typing import Any
 
+import aiohttp
 import chromium
+import nats
 import pytest
 from chromium import TIMEOUT_MS, WS_REFUSED, OpenPage, Page, wait_listening
 from conftest import NatsServer, eventually, free_port, unique
+from minting import SECRET, claims, hs256
 
 browser = chromium.browser
 open_page = chromium.open_page
@@ -363,6 +366,149 @@ async def test_offline_closes_and_online_reconnects_at_once_renewing_subscriptio
     await page.wait_for_function("() => log.resubscribed.length === 1", timeout=TIMEOUT_MS)
     assert held(bridge) == [{subject}]
     await publish_until(nc, page, subject, b"back")
+
+
+# ---------------------------------------------------------------------------
+# Resume from JetStream, tokens, a backend's disconnect
+# ---------------------------------------------------------------------------
+
+RECORD_RESUME = """() => {
+    log.recovered = []; log.gaps = [];
+    client.on("recovered", (r) => log.recovered.push(r));
+    client.on("gap", (g) => log.gaps.push(g));
+}"""
+
+
+async def restartable_bridge(bridge_process: Any, nats_url: str) -> tuple[dict[str, str], Any]:
+    env = {"HTTP_PORT": str(free_port()), "NATS_URL": nats_url, "TEST_PUBLISH_INTERVAL": "0",
+           "LOG_LEVEL": "WARNING"}
+    first = bridge_process(env=env, wait=False)
+    await wait_listening(int(env["HTTP_PORT"]), first.proc)
+    return env, first
+
+
+async def stored_subject(js_nc: Any) -> tuple[Any, str, str]:
+    js = js_nc.jetstream()
+    base = f"res{os.getpid()}x{time.monotonic_ns()}"
+    await js.add_stream(name=base.upper(), subjects=[f"{base}.>"])
+    return js, base.upper(), f"{base}.feed"
+
+
+async def test_resumes_after_a_bridge_restart_with_every_stored_message_missed(
+    js_server: NatsServer, bridge_process: Any, open_page: OpenPage
+) -> None:
+    js_nc = await asyncio.wait_for(nats.connect(js_server.url), 10)
+    try:
+        js, _, subject = await stored_subject(js_nc)
+        env, first = await restartable_bridge(bridge_process, js_server.url)
+        page = await harness(open_page, f"http://127.0.0.1:{env['HTTP_PORT']}", allow=(WS_REFUSED,))
+        await page.evaluate(RECORD_RESUME)
+        await page.evaluate("(s) => client.subscribe(s).ready", subject)
+        seen = (await js.publish(subject, b'{"n": 0}')).seq
+        await messages(page, subject, 1)
+        await asyncio.to_thread(first.stop)
+        await page.wait_for_function("() => client.state !== 'connected'", timeout=TIMEOUT_MS)
+        missed = [(await js.publish(subject, b'{"n": %d}' % n)).seq for n in range(1, 6)]
+        second = bridge_process(env=env, wait=False)
+        await wait_listening(int(env["HTTP_PORT"]), second.proc)
+        await page.wait_for_function("() => log.recovered.length === 1", timeout=30_000)
+        assert await page.evaluate("log.recovered[0]") == {"subject": subject, "afterSeq": seen, "count": 5}
+        live = (await js.publish(subject, b'{"n": 6}')).seq
+        got = await messages(page, subject, 7)
+        assert [m["data"]["n"] for m in got] == list(range(7))
+        assert await page.evaluate("(s) => log.messages.filter((m) => m.subject === s).length", subject) == 7
+        assert await page.evaluate("log.gaps") == []
+        assert missed[-1] + 1 == live
+    finally:
+        await js_nc.close()
+
+
+async def test_a_gap_is_reported_when_the_stream_no_longer_holds_what_was_missed(
+    js_server: NatsServer, bridge_process: Any, open_page: OpenPage
+) -> None:
+    js_nc = await asyncio.wait_for(nats.connect(js_server.url), 10)
+    try:
+        js, stream, subject = await stored_subject(js_nc)
+        env, first = await restartable_bridge(bridge_process, js_server.url)
+        page = await harness(open_page, f"http://127.0.0.1:{env['HTTP_PORT']}", allow=(WS_REFUSED,))
+        await page.evaluate(RECORD_RESUME)
+        await page.evaluate("""(s) => {
+            window.sub = client.subscribe(s);
+            window.subGaps = [];
+            sub.on("gap", (g) => subGaps.push(g));
+            return sub.ready;
+        }""", subject)
+        seen = (await js.publish(subject, b'{"n": 0}')).seq
+        await messages(page, subject, 1)
+        await asyncio.to_thread(first.stop)
+        await js.publish(subject, b'{"n": 1}')
+        await js.purge_stream(stream)  # what was missed is gone
+        second = bridge_process(env=env, wait=False)
+        await wait_listening(int(env["HTTP_PORT"]), second.proc)
+        await page.wait_for_function("() => log.gaps.length === 1", timeout=30_000)
+        gap = await page.evaluate("log.gaps[0]")
+        assert (gap["subject"], gap["afterSeq"], gap["firstSeq"]) == (subject, seen, seen + 2)
+        assert await page.evaluate("subGaps.length") == 1
+        await js.publish(subject, b'{"n": 2}')
+        assert [m["data"]["n"] for m in await messages(page, subject, 2)] == [0, 2]
+    finally:
+        await js_nc.close()
+
+
+async def test_the_token_is_refreshed_on_the_open_socket_before_it_expires(
+    nats_server: NatsServer, bridge_factory: Any, open_page: OpenPage
+) -> None:
+    bridge = await bridge_factory(nats_url=nats_server.url, jwt_secret=SECRET, jwt_refresh_lead=2)
+    first, fresh = hs256(claims("ada", ttl=3)), hs256(claims("ada", ttl=120))
+    page = await harness(open_page, bridge.http_url, connect=False)
+    await page.evaluate(
+        """([first, fresh]) => {
+            window.calls = 0; window.refreshed = [];
+            window.c = new lib.BridgeClient(client.url, {token: first,
+                getToken: async () => { calls += 1; return fresh; }});
+            c.on("refreshed", (r) => refreshed.push(r));
+        }""",
+        [first, fresh],
+    )
+    await page.wait_for_function("() => c.state === 'connected'", timeout=TIMEOUT_MS)
+    connection = await page.evaluate("[c.connectionId, c.user]")
+    assert connection[1] == "ada"
+    await page.wait_for_function("() => refreshed.length === 1", timeout=TIMEOUT_MS)
+    await asyncio.sleep(2)  # past the first token's exp
+    assert await page.evaluate("[c.connectionId, c.user]") == connection
+    assert await page.evaluate("[calls, c.expiresAt]") == [1, claims_exp(fresh)]
+    assert bridge.manager.stats.token_expiries == 0
+
+
+def claims_exp(token: str) -> int:
+    import jwt
+
+    return jwt.decode(token, options={"verify_signature": False})["exp"]
+
+
+async def test_an_expired_token_without_get_token_stops_reconnecting(
+    nats_server: NatsServer, bridge_factory: Any, open_page: OpenPage
+) -> None:
+    bridge = await bridge_factory(nats_url=nats_server.url, jwt_secret=SECRET, jwt_refresh_lead=1)
+    page = await harness(open_page, bridge.http_url, token=hs256(claims("ada", ttl=2)), minDelay=50)
+    await page.wait_for_function("() => client.state === 'disconnected'", timeout=TIMEOUT_MS)
+    await asyncio.sleep(1)
+    last = await page.evaluate("[client.state, log.states.at(-1)]")
+    assert last == ["disconnected", ["disconnected", 4001]]
+    assert not bridge.manager.clients
+
+
+async def test_a_backends_disconnect_4003_stops_reconnecting(bridge: Any, open_page: OpenPage) -> None:
+    page = await harness(open_page, bridge.http_url, minDelay=50)
+    connection = await page.evaluate("client.connectionId")
+    async with aiohttp.ClientSession() as session, session.delete(
+        f"{bridge.http_url}/clients/{connection}", timeout=aiohttp.ClientTimeout(total=10)
+    ) as resp:
+        assert resp.status == 200
+    await page.wait_for_function("() => client.state === 'disconnected'", timeout=TIMEOUT_MS)
+    await asyncio.sleep(1)
+    assert await page.evaluate("log.states.at(-1)") == ["disconnected", 4003]
+    assert not bridge.manager.clients
 
 
 def test_the_type_declarations_cover_the_fixed_api() -> None:

@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import suppress
 from typing import Any
 
@@ -30,16 +30,6 @@ from jetstream import stream_sequence
 # ---------------------------------------------------------------------------
 # Fixtures: a JetStream server, a stream per test
 # ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def js_server() -> Iterator[NatsServer]:
-    with tempfile.TemporaryDirectory() as store:
-        server = NatsServer(extra_args=["-js", "-sd", store]).start()
-        try:
-            yield server
-        finally:
-            server.stop()
 
 
 @pytest.fixture
@@ -144,8 +134,13 @@ async def test_live_message_on_an_unstored_subject_has_no_sequence(jbridge, ws_f
 async def test_subscribe_reply_names_stream_and_epoch_of_a_stored_subject(jbridge, ws_factory, js, stream):
     client = await ws_factory(jbridge.ws_url)
     reply = await client.subscribe(f"{stream['base']}.x")
+    [seq] = await store(js, f"{stream['base']}.other", 1)
     epoch = await epoch_of(js, stream["name"])
-    assert reply["streams"] == {f"{stream['base']}.x": {"stream": stream["name"], "epoch": epoch}}
+    expected = {"stream": stream["name"], "epoch": epoch, "last_seq": 0}
+    assert reply["streams"] == {f"{stream['base']}.x": expected}
+    second = await ws_factory(jbridge.ws_url)
+    again = await second.subscribe(f"{stream['base']}.>")
+    assert again["streams"][f"{stream['base']}.>"]["last_seq"] == seq
 
 
 # ---------------------------------------------------------------------------

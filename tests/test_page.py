@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import chromium
+import nats
 from chromium import TIMEOUT_MS, WS_REFUSED, OpenPage, expect, wait_listening
-from conftest import ROOT, NatsServer, free_port
+from conftest import ROOT, NatsServer, free_port, unique
+from minting import SECRET, claims, hs256
 from page_support import (
     chip,
     publish,
@@ -559,3 +561,95 @@ async def test_screenshot_for_the_readme(bridge: Any, nc: Any, open_page: OpenPa
     png = await page.screenshot(path=str(target), full_page=False, timeout=TIMEOUT_MS)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
+
+
+# ---------------------------------------------------------------------------
+# Who is connected, and a token that runs out (JWT on)
+# ---------------------------------------------------------------------------
+
+
+async def test_shows_who_is_connected(nats_server: Any, bridge_factory: Any, open_page: OpenPage) -> None:
+    bridge = await bridge_factory(nats_url=nats_server.url, jwt_secret=SECRET)
+    watched = await open_page(bridge.http_url + "/?token=" + hs256(claims("<b")))
+    user = watched.page.locator("#user")
+    await expect(user).to_have_text("Signed in as <b")  # a name is text, never markup
+    assert await watched.page.locator("#user b").count() == 0
+
+
+async def test_says_plainly_when_the_token_expired(nats_server: Any, bridge_factory: Any,
+                                                   open_page: OpenPage) -> None:
+    bridge = await bridge_factory(nats_url=nats_server.url, jwt_secret=SECRET, jwt_refresh_lead=1)
+    watched = await open_page(bridge.http_url + "/?token=" + hs256(claims("ada", ttl=3)))
+    page = watched.page
+    detail = page.locator("#conn-detail")
+    await expect(detail).to_contain_text("Your access token expires at")
+    await expect(detail).to_contain_text("Your access token expired", timeout=10_000)
+    await expect(detail).to_contain_text("Open this page with a new token")
+    await expect(page.locator("#conn-state")).to_have_attribute("data-state", "closed")
+    await asyncio.sleep(1)
+    assert len(watched.sockets) == 1  # an expired token is not tried again
+
+
+# ---------------------------------------------------------------------------
+# History from JetStream
+# ---------------------------------------------------------------------------
+
+
+async def stream_for(nc_js: Any, base: str) -> Any:
+    js = nc_js.jetstream()
+    await js.add_stream(name=base.upper(), subjects=[f"{base}.>"])
+    return js
+
+
+async def test_asks_for_the_last_n_and_marks_stored_rows(js_server: Any, bridge_factory: Any,
+                                                        open_page: OpenPage) -> None:
+    bridge = await bridge_factory(nats_url=js_server.url)
+    base = unique("pagehist").replace(".", "")
+    nc_js = await nats.connect(js_server.url)
+    try:
+        js = await stream_for(nc_js, base)
+        for n in range(5):
+            await js.publish(f"{base}.s", b'{"n": %d}' % n)
+        page = (await open_page(bridge.http_url + "/")).page
+        await page.locator("#history").fill("3")
+        await subscribe_with_button(page, f"{base}.s")
+        stored = page.locator(f'#messages > li.msg[data-subject="{base}.s"][data-history="true"]')
+        await expect(stored).to_have_count(3)
+        await expect(stored.first.locator(".badge.stored")).to_have_text("stored #5")
+        await js.publish(f"{base}.s", b'{"n": 5}')
+        await expect(rows(page, f"{base}.s")).to_have_count(4)
+        await expect(rows(page, f"{base}.s").first.locator(".badge.seq")).to_have_text("#6")
+    finally:
+        await nc_js.close()
+
+
+async def test_reconnects_after_a_bridge_restart_and_shows_every_message_published_meanwhile(
+    js_server: Any, bridge_process: Any, open_page: OpenPage
+) -> None:
+    base = unique("pageresume").replace(".", "")
+    nc_js = await nats.connect(js_server.url)
+    try:
+        js = await stream_for(nc_js, base)
+        port = free_port()
+        env = {"HTTP_PORT": str(port), "NATS_URL": js_server.url, "TEST_PUBLISH_INTERVAL": "0",
+               "LOG_LEVEL": "WARNING"}
+        first = bridge_process(env=env, wait=False)
+        await wait_listening(port, first.proc)
+        page = (await open_page(f"http://127.0.0.1:{port}/", allow=(WS_REFUSED,))).page
+        await subscribe_with_button(page, f"{base}.feed")
+        await js.publish(f"{base}.feed", b'{"n": 0}')
+        await expect(rows(page, f"{base}.feed")).to_have_count(1)
+
+        await asyncio.to_thread(first.stop)
+        await expect(page.locator("#conn-state")).to_have_attribute("data-state", "reconnecting")
+        for n in range(1, 6):  # published while the bridge is down: NATS keeps them in the stream
+            await js.publish(f"{base}.feed", b'{"n": %d}' % n)
+        second = bridge_process(env=env, wait=False)
+        await wait_listening(port, second.proc)
+        await expect(page.locator("#conn-state")).to_have_attribute("data-state", "connected", timeout=20_000)
+        await expect(rows(page, f"{base}.feed")).to_have_count(6)
+        await expect(page.locator("#subject-status")).to_contain_text("Recovered 5 messages")
+        texts = await rows(page, f"{base}.feed").locator(".payload").all_text_contents()
+        assert [json.loads(t)["n"] for t in reversed(texts)] == [0, 1, 2, 3, 4, 5]  # newest first on the page
+    finally:
+        await nc_js.close()
