@@ -350,6 +350,15 @@ async def ws_factory() -> AsyncIterator[Callable[..., Any]]:
     await asyncio.gather(*(c.close() for c in clients))
 
 
+async def close_of(client: WSClient, timeout: float = TIMEOUT) -> tuple[int, str]:
+    """The close code and reason the server sends, skipping the frames before it."""
+    while True:
+        msg = await asyncio.wait_for(client.ws.receive(), timeout)
+        if msg.type is aiohttp.WSMsgType.CLOSE:
+            return int(msg.data), msg.extra
+        assert msg.type is aiohttp.WSMsgType.TEXT, msg
+
+
 async def eventually(check: Callable[[], Any], timeout: float = TIMEOUT, interval: float = 0.05) -> Any:
     """Poll ``check`` until it returns a truthy value (or stop raising)."""
     deadline = asyncio.get_running_loop().time() + timeout

@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import ROOT, TIMEOUT, nats_synced, publish
+from conftest import ROOT, TIMEOUT, close_of, nats_synced, publish
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -71,15 +71,6 @@ async def refusal(bridge: Any, token: str | None, **params: str) -> tuple[int, d
         if resp.status == 101:
             return 101, {}
         return resp.status, await resp.json()
-
-
-async def close_of(client: Any) -> tuple[int, str]:
-    """The close code and reason the server sends, skipping frames before it."""
-    while True:
-        msg = await asyncio.wait_for(client.ws.receive(), TIMEOUT)
-        if msg.type is aiohttp.WSMsgType.CLOSE:
-            return int(msg.data), msg.extra
-        assert msg.type is aiohttp.WSMsgType.TEXT, msg
 
 
 async def next_of_type(client: Any, kind: str) -> dict[str, Any]:

@@ -379,80 +379,86 @@ RECORD_RESUME = """() => {
 }"""
 
 
-async def restartable_bridge(bridge_process: Any, nats_url: str) -> tuple[dict[str, str], Any]:
-    env = {"HTTP_PORT": str(free_port()), "NATS_URL": nats_url, "TEST_PUBLISH_INTERVAL": "0",
-           "LOG_LEVEL": "WARNING"}
-    first = bridge_process(env=env, wait=False)
-    await wait_listening(int(env["HTTP_PORT"]), first.proc)
-    return env, first
-
-
-async def stored_subject(js_nc: Any) -> tuple[Any, str, str]:
-    js = js_nc.jetstream()
-    base = f"res{os.getpid()}x{time.monotonic_ns()}"
-    await js.add_stream(name=base.upper(), subjects=[f"{base}.>"])
-    return js, base.upper(), f"{base}.feed"
-
-
-async def test_resumes_after_a_bridge_restart_with_every_stored_message_missed(
-    js_server: NatsServer, bridge_process: Any, open_page: OpenPage
-) -> None:
-    js_nc = await asyncio.wait_for(nats.connect(js_server.url), 10)
+@pytest.fixture
+async def js_nc(js_server: NatsServer) -> Any:
+    nc = await asyncio.wait_for(nats.connect(js_server.url), 10)
     try:
-        js, _, subject = await stored_subject(js_nc)
-        env, first = await restartable_bridge(bridge_process, js_server.url)
-        page = await harness(open_page, f"http://127.0.0.1:{env['HTTP_PORT']}", allow=(WS_REFUSED,))
-        await page.evaluate(RECORD_RESUME)
-        await page.evaluate("(s) => client.subscribe(s).ready", subject)
-        seen = (await js.publish(subject, b'{"n": 0}')).seq
-        await messages(page, subject, 1)
-        await asyncio.to_thread(first.stop)
-        await page.wait_for_function("() => client.state !== 'connected'", timeout=TIMEOUT_MS)
-        missed = [(await js.publish(subject, b'{"n": %d}' % n)).seq for n in range(1, 6)]
-        second = bridge_process(env=env, wait=False)
-        await wait_listening(int(env["HTTP_PORT"]), second.proc)
-        await page.wait_for_function("() => log.recovered.length === 1", timeout=30_000)
-        assert await page.evaluate("log.recovered[0]") == {"subject": subject, "afterSeq": seen, "count": 5}
-        live = (await js.publish(subject, b'{"n": 6}')).seq
-        got = await messages(page, subject, 7)
-        assert [m["data"]["n"] for m in got] == list(range(7))
-        assert await page.evaluate("(s) => log.messages.filter((m) => m.subject === s).length", subject) == 7
-        assert await page.evaluate("log.gaps") == []
-        assert missed[-1] + 1 == live
+        yield nc
     finally:
-        await js_nc.close()
+        await nc.close()
 
 
-async def test_a_gap_is_reported_when_the_stream_no_longer_holds_what_was_missed(
-    js_server: NatsServer, bridge_process: Any, open_page: OpenPage
-) -> None:
-    js_nc = await asyncio.wait_for(nats.connect(js_server.url), 10)
-    try:
-        js, stream, subject = await stored_subject(js_nc)
-        env, first = await restartable_bridge(bridge_process, js_server.url)
-        page = await harness(open_page, f"http://127.0.0.1:{env['HTTP_PORT']}", allow=(WS_REFUSED,))
-        await page.evaluate(RECORD_RESUME)
-        await page.evaluate("""(s) => {
+class Resume:
+    """A stream storing `subject`, a bridge process to restart on one port, a page following
+    `subject` with `sub` (its "gap" events in `subGaps`), and one message seen: `seen`."""
+
+    async def start(
+        self, js_nc: Any, js_server: NatsServer, bridge_process: Any, open_page: OpenPage
+    ) -> Resume:
+        self.js = js_nc.jetstream()
+        base = f"res{os.getpid()}x{time.monotonic_ns()}"
+        self.stream, self.subject = base.upper(), f"{base}.feed"
+        await self.js.add_stream(name=self.stream, subjects=[f"{base}.>"])
+        self.bridge_process = bridge_process
+        self.env = {"HTTP_PORT": str(free_port()), "NATS_URL": js_server.url, "TEST_PUBLISH_INTERVAL": "0",
+                    "LOG_LEVEL": "WARNING"}
+        self.bridge = await self.start_bridge()
+        self.page = await harness(open_page, f"http://127.0.0.1:{self.env['HTTP_PORT']}", allow=(WS_REFUSED,))
+        await self.page.evaluate(RECORD_RESUME)
+        await self.page.evaluate("""(s) => {
             window.sub = client.subscribe(s);
             window.subGaps = [];
             sub.on("gap", (g) => subGaps.push(g));
             return sub.ready;
-        }""", subject)
-        seen = (await js.publish(subject, b'{"n": 0}')).seq
-        await messages(page, subject, 1)
-        await asyncio.to_thread(first.stop)
-        await js.publish(subject, b'{"n": 1}')
-        await js.purge_stream(stream)  # what was missed is gone
-        second = bridge_process(env=env, wait=False)
-        await wait_listening(int(env["HTTP_PORT"]), second.proc)
-        await page.wait_for_function("() => log.gaps.length === 1", timeout=30_000)
-        gap = await page.evaluate("log.gaps[0]")
-        assert (gap["subject"], gap["afterSeq"], gap["firstSeq"]) == (subject, seen, seen + 2)
-        assert await page.evaluate("subGaps.length") == 1
-        await js.publish(subject, b'{"n": 2}')
-        assert [m["data"]["n"] for m in await messages(page, subject, 2)] == [0, 2]
-    finally:
-        await js_nc.close()
+        }""", self.subject)
+        self.seen = (await self.js.publish(self.subject, b'{"n": 0}')).seq
+        await messages(self.page, self.subject, 1)
+        return self
+
+    async def start_bridge(self) -> Any:
+        bp = self.bridge_process(env=self.env, wait=False)
+        await wait_listening(int(self.env["HTTP_PORT"]), bp.proc)
+        return bp
+
+    async def stop_bridge(self) -> None:
+        await asyncio.to_thread(self.bridge.stop)
+        await self.page.wait_for_function("() => client.state !== 'connected'", timeout=TIMEOUT_MS)
+
+    async def publish(self, n: int) -> int:
+        return (await self.js.publish(self.subject, b'{"n": %d}' % n)).seq
+
+
+async def test_resumes_after_a_bridge_restart_with_every_stored_message_missed(
+    js_nc: Any, js_server: NatsServer, bridge_process: Any, open_page: OpenPage
+) -> None:
+    r = await Resume().start(js_nc, js_server, bridge_process, open_page)
+    await r.stop_bridge()
+    missed = [await r.publish(n) for n in range(1, 6)]
+    r.bridge = await r.start_bridge()
+    await r.page.wait_for_function("() => log.recovered.length === 1", timeout=30_000)
+    assert await r.page.evaluate("log.recovered[0]") == {"subject": r.subject, "afterSeq": r.seen, "count": 5}
+    live = await r.publish(6)
+    got = await messages(r.page, r.subject, 7)
+    assert [m["data"]["n"] for m in got] == list(range(7))
+    assert await r.page.evaluate("(s) => log.messages.filter((m) => m.subject === s).length", r.subject) == 7
+    assert await r.page.evaluate("[log.gaps, subGaps]") == [[], []]
+    assert missed[-1] + 1 == live
+
+
+async def test_a_gap_is_reported_when_the_stream_no_longer_holds_what_was_missed(
+    js_nc: Any, js_server: NatsServer, bridge_process: Any, open_page: OpenPage
+) -> None:
+    r = await Resume().start(js_nc, js_server, bridge_process, open_page)
+    await r.stop_bridge()
+    await r.publish(1)
+    await r.js.purge_stream(r.stream)  # what was missed is gone
+    r.bridge = await r.start_bridge()
+    await r.page.wait_for_function("() => log.gaps.length === 1", timeout=30_000)
+    gap = await r.page.evaluate("log.gaps[0]")
+    assert (gap["subject"], gap["afterSeq"], gap["firstSeq"]) == (r.subject, r.seen, r.seen + 2)
+    assert await r.page.evaluate("subGaps.length") == 1
+    await r.publish(2)
+    assert [m["data"]["n"] for m in await messages(r.page, r.subject, 2)] == [0, 2]
 
 
 async def test_the_token_is_refreshed_on_the_open_socket_before_it_expires(

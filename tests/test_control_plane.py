@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import nats
 import pytest
-from conftest import ROOT, TIMEOUT, NatsServer, eventually, publish, unique
+from conftest import ROOT, TIMEOUT, NatsServer, close_of, eventually, publish, unique
 from minting import SECRET, claims, hs256
 
 from commands import Answer, Command, summarize
@@ -186,15 +186,6 @@ def knows(bridge: Any, other: Any) -> bool:
 async def acquainted(*bridges: Any) -> None:
     """Wait until every bridge has heard every other one announce itself."""
     await eventually(lambda: all(knows(a, b) for a in bridges for b in bridges if a is not b))
-
-
-async def close_of(client: Any) -> tuple[int, str]:
-    """The close code and reason the server sends, skipping frames before it."""
-    while True:
-        msg = await asyncio.wait_for(client.ws.receive(), TIMEOUT)
-        if msg.type is aiohttp.WSMsgType.CLOSE:
-            return int(msg.data), msg.extra
-        assert msg.type is aiohttp.WSMsgType.TEXT, msg
 
 
 @pytest.fixture

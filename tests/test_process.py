@@ -13,7 +13,16 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import ROOT, TIMEOUT, BridgeProcess, NatsServer, free_port, spawn_bridge, wait_for_port
+from conftest import (
+    ROOT,
+    TIMEOUT,
+    BridgeProcess,
+    NatsServer,
+    close_of,
+    free_port,
+    spawn_bridge,
+    wait_for_port,
+)
 
 import main
 
@@ -301,7 +310,7 @@ async def test_sigterm_exits_0_within_3_s_whatever_nats_does(ws_factory, killed_
         if killed_at >= 0:
             await asyncio.sleep(killed_at)
             server.proc.kill()
-        close = await close_frame_of(client)
+        close, _ = await close_of(client)
         returncode, output = await asyncio.to_thread(finish, bp, 10)
         elapsed = time.monotonic() - started
     finally:
@@ -311,28 +320,3 @@ async def test_sigterm_exits_0_within_3_s_whatever_nats_does(ws_factory, killed_
     assert elapsed < 3, f"took {elapsed:.1f} s\n{output}"
     assert close == 1001, output
     assert "Traceback" not in output and "cannot serve" not in output, output
-
-
-async def close_frame_of(client) -> int | None:
-    """The close code the server sends, skipping the frames before it."""
-    while True:
-        msg = await asyncio.wait_for(client.ws.receive(), TIMEOUT)
-        if msg.type is aiohttp.WSMsgType.CLOSE:
-            return int(msg.data)
-        if msg.type is not aiohttp.WSMsgType.TEXT:
-            return None
-
-
-async def test_sigterm_while_still_reaching_nats_at_start_exits_0_promptly():
-    # The port is bound first, so it answers before NATS is reached (here: never).
-    bp = spawn_bridge(env={"NATS_URL": f"nats://127.0.0.1:{free_port()}", "NATS_CONNECT_TIMEOUT": "30"})
-    try:
-        await asyncio.to_thread(wait_for_port, bp.port, 30, bp.proc)
-        started = time.monotonic()
-        returncode, output = await asyncio.to_thread(bp.stop, signal.SIGTERM, 10)
-        elapsed = time.monotonic() - started
-    finally:
-        bp.stop(signal.SIGKILL, timeout=10)
-    assert returncode == 0, output
-    assert elapsed < 3, f"took {elapsed:.1f} s"
-    assert "Traceback" not in output, output
