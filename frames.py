@@ -10,7 +10,6 @@ docs/schema/ describe the same frames for client authors.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import math
 import struct
@@ -203,7 +202,7 @@ def publish_payload(body: dict[str, Any]) -> bytes:
             raise BadFrame("publish", "base64 data must be a string")
         try:
             return base64.b64decode(data, validate=True)
-        except binascii.Error as exc:
+        except ValueError as exc:  # binascii.Error, or text that is not even ASCII
             raise BadFrame("publish", f"Invalid base64: {exc}") from None
     try:
         if isinstance(data, str):

@@ -176,6 +176,10 @@ class Verifier:
         """The token's identity, or TokenError saying why not."""
         if len(token) > MAX_TOKEN_BYTES:
             raise TokenError("malformed", "the token is too long")
+        if not token.isascii():
+            # A JWT is base64url text; anything else (a lone surrogate from a JSON
+            # "\ud800" escape among them) is refused before PyJWT tries to encode it.
+            raise TokenError("malformed", "the token is malformed (not a JWT)")
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:

@@ -582,6 +582,32 @@ async def test_subject_with_escaped_lone_surrogate_gets_an_error_reply(
     assert (frame["type"], frame["success"]) == ("reply", False)
 
 
+@pytest.mark.parametrize("data", ["ä", "\\ud800", "日本"], ids=["latin", "surrogate", "cjk"])
+async def test_publish_of_base64_data_that_is_not_ascii_gets_an_error_reply(
+    bridge_factory, nats_server, ws_factory, data
+):
+    # Found by the fuzzer: base64.b64decode raised ValueError, not binascii.Error, on such text.
+    bridge = await bridge_factory(nats_url=nats_server.url, publish_allow=("fuzz.pub.>",))
+    client = await ws_factory(bridge.ws_url)
+    text = '{"action": "publish", "subject": "fuzz.pub.a", "encoding": "base64", "data": "' + data + '"}'
+    msg = await raw_reply(client, text)
+    assert msg.type is aiohttp.WSMsgType.TEXT, (msg.type, msg.data, msg.extra)
+    frame = json.loads(msg.data)
+    assert (frame["success"], frame["message"].startswith("Invalid base64")) == (False, True)
+
+
+async def test_refresh_with_a_lone_surrogate_token_gets_an_error_reply(
+    bridge_factory, nats_server, ws_factory
+):
+    bridge = await bridge_factory(nats_url=nats_server.url, jwt_secret=SECRET)
+    client = await ws_factory(bridge.ws_url, headers=AUTH)
+    msg = await raw_reply(client, '{"action": "refresh", "token": "\\udfff"}')
+    assert msg.type is aiohttp.WSMsgType.TEXT, (msg.type, msg.data, msg.extra)
+    frame = json.loads(msg.data)
+    assert (frame["type"], frame["success"]) == ("reply", False)
+    assert frame["message"].startswith("Token refused: the token is malformed")
+
+
 @pytest.mark.parametrize(
     "text",
     [

@@ -140,6 +140,13 @@ def test_malformed_token_is_refused():
     assert reason_of(Verifier(secret=SECRET.encode()), "not.a.jwt") == "malformed"
 
 
+@pytest.mark.parametrize("token", ["\ud800", "eyJ\udfff.x.y", "jwt-ä.x.y"],
+                         ids=["surrogate", "surrogate-inside", "non-ascii"])
+def test_token_that_is_not_ascii_is_refused_as_malformed(token):
+    # Found by the fuzzer: PyJWT raised UnicodeEncodeError on a lone surrogate.
+    assert reason_of(Verifier(secret=SECRET.encode()), token) == "malformed"
+
+
 def test_malformed_nats_claim_is_refused():
     token = hs256(claims(nats={"sub": {"allow": "user.>"}}))
     assert reason_of(Verifier(secret=SECRET.encode()), token) == "claims"
