@@ -13,7 +13,6 @@ import asyncio
 import logging
 import mimetypes
 import os
-import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -108,33 +107,6 @@ async def demo_stream(web_app: web.Application) -> AsyncIterator[None]:
     yield
 
 
-async def stop_once(web_app: web.Application) -> AsyncIterator[None]:
-    """The first SIGINT/SIGTERM stops the bridge; later ones are noted, not obeyed.
-
-    aiohttp raises GracefulExit on every signal, so a second one (Ctrl-C in a
-    terminal reaches both `make run` and the bridge, which then passes it on)
-    would cut the shutdown short and exit 1.  Once stopped, stop signals are
-    held again: a late one must not turn the clean exit into a kill.
-    """
-    loop = asyncio.get_running_loop()
-    stopping = False
-
-    def on_signal() -> None:
-        nonlocal stopping
-        if stopping:
-            logger.info("already stopping")
-            return
-        stopping = True
-        raise web.GracefulExit()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
-    yield
-    workers.hold_stop_signals()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.remove_signal_handler(sig)
-
-
 async def panini_tasks(web_app: web.Application) -> AsyncIterator[None]:
     """Run the ``@app.task`` tasks; stop them before NATS goes."""
     tasks = panini_workarounds.start_tasks(web_app[PANINI])
@@ -152,23 +124,6 @@ async def close_websockets(web_app: web.Application) -> None:
     await manager.close_all(CLOSE_GOING_AWAY, "server shutting down", timeout=1.0)
 
 
-def listen(host: str, port: int, count: int = 1) -> list[socket.socket]:
-    """Bind the HTTP port now, before NATS is reached, so a taken port fails at once.
-
-    ``count`` > 1: that many sockets on the port with SO_REUSEPORT, one per worker.
-    The port is first bound alone, so one another process holds (even with
-    SO_REUSEPORT, like a second bridge) fails here instead of being shared.
-    """
-    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-    first = socket.create_server((host, port), family=family, backlog=128)
-    if count == 1:
-        return [first]
-    port = first.getsockname()[1]  # the one the kernel chose, if port was 0
-    first.close()
-    return [socket.create_server((host, port), family=family, backlog=128, reuse_port=True)
-            for _ in range(count)]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     workers.hold_stop_signals()  # released once a handler can stop us gracefully
     try:
@@ -178,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(config.log_level, config.log_format)
     try:
-        sockets = listen(config.http_host, config.http_port, config.workers)
+        sockets = workers.listen(config.http_host, config.http_port, config.workers)
     except OSError as exc:
         where = f"{config.http_host}:{config.http_port}"
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
@@ -201,7 +156,7 @@ def serve(config: Config, sock: socket.socket, worker: Worker = workers.LONE,
     async def release(_: web.Application) -> None:
         workers.release_stop_signals()  # our handlers are in place: a stop is graceful now
 
-    web_app.cleanup_ctx.insert(0, stop_once)
+    web_app.cleanup_ctx.insert(0, workers.stop_once)
     web_app.on_startup.insert(0, release)
     if ready is not None:
         async def started(_: web.Application) -> None:

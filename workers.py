@@ -3,7 +3,7 @@
 Python runs one core per process, so one bridge process is one core whatever
 the host has.  With ``WORKERS`` > 1, ``python main.py`` becomes this supervisor:
 
-- The port is bound N times, before anything else (main.listen): N listening
+- The port is bound N times, before anything else (``listen``): N listening
   sockets with ``SO_REUSEPORT``, and the kernel spreads new connections over
   them.  When a worker dies its socket is closed, so the kernel sends new
   connections to the others until the restarted worker binds a fresh one.
@@ -25,6 +25,7 @@ the host has.  With ``WORKERS`` > 1, ``python main.py`` becomes this supervisor:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import logging
@@ -35,9 +36,11 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
+
+from aiohttp import web
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,50 @@ RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)  # seconds, for workers that keep d
 STABLE_AFTER = 30.0  # seconds up after which a death restarts the backoff
 PR_SET_PDEATHSIG = 1
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def listen(host: str, port: int, count: int = 1) -> list[socket.socket]:
+    """Bind the HTTP port now, before NATS is reached, so a taken port fails at once.
+
+    ``count`` > 1: that many sockets on the port with SO_REUSEPORT, one per worker.
+    The port is first bound alone, so one another process holds (even with
+    SO_REUSEPORT, like a second bridge) fails here instead of being shared.
+    """
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    first = socket.create_server((host, port), family=family, backlog=128)
+    if count == 1:
+        return [first]
+    port = first.getsockname()[1]  # the one the kernel chose, if port was 0
+    first.close()
+    return [socket.create_server((host, port), family=family, backlog=128, reuse_port=True)
+            for _ in range(count)]
+
+
+async def stop_once(web_app: web.Application) -> AsyncIterator[None]:
+    """The first SIGINT/SIGTERM stops the bridge; later ones are noted, not obeyed.
+
+    aiohttp raises GracefulExit on every signal, so a second one (Ctrl-C in a
+    terminal reaches both `make run` and the bridge, which then passes it on)
+    would cut the shutdown short and exit 1.  Once stopped, stop signals are
+    held again: a late one must not turn the clean exit into a kill.
+    """
+    loop = asyncio.get_running_loop()
+    stopping = False
+
+    def on_signal() -> None:
+        nonlocal stopping
+        if stopping:
+            logger.info("already stopping")
+            return
+        stopping = True
+        raise web.GracefulExit()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    yield
+    hold_stop_signals()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
 
 
 def hold_stop_signals() -> None:

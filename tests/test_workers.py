@@ -25,7 +25,7 @@ from conftest import TIMEOUT, BridgeProcess, NatsServer, eventually, free_port, 
 from minting import SECRET, claims, hs256
 
 import config
-import main
+import workers
 
 CONTROL = "backend-control-secret"
 CLIENTS = 40
@@ -303,7 +303,7 @@ def test_port_held_by_another_reuseport_socket_is_not_shared():
 
 
 def test_listen_binds_one_port_once_per_worker_with_so_reuseport():
-    sockets = main.listen("127.0.0.1", 0, 3)
+    sockets = workers.listen("127.0.0.1", 0, 3)
     try:
         assert len({s.getsockname()[1] for s in sockets}) == 1
         assert all(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) for s in sockets)
