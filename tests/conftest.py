@@ -350,6 +350,16 @@ async def ws_factory() -> AsyncIterator[Callable[..., Any]]:
     await asyncio.gather(*(c.close() for c in clients))
 
 
+def metric_samples(text: str) -> dict[str, float]:
+    """Prometheus text format: each sample's name (with its labels) and value."""
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
 async def close_of(client: WSClient, timeout: float = TIMEOUT) -> tuple[int, str]:
     """The close code and reason the server sends, skipping the frames before it."""
     while True:

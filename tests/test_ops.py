@@ -9,7 +9,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import TIMEOUT, eventually
+from conftest import TIMEOUT, eventually, metric_samples
 
 import config
 
@@ -22,12 +22,7 @@ async def scrape(url: str) -> dict[str, float]:
             assert resp.status == 200
             assert resp.headers["Content-Type"].startswith("text/plain")
             text = await resp.text()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
+    return metric_samples(text)
 
 
 async def test_metrics_count_connections_subscriptions_and_delivered_frames(bridge, ws_factory, nc):

@@ -21,7 +21,17 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import TIMEOUT, BridgeProcess, NatsServer, eventually, free_port, publish, spawn_bridge, unique
+from conftest import (
+    TIMEOUT,
+    BridgeProcess,
+    NatsServer,
+    eventually,
+    free_port,
+    metric_samples,
+    publish,
+    spawn_bridge,
+    unique,
+)
 from minting import SECRET, claims, hs256
 
 import config
@@ -116,12 +126,7 @@ async def control(bp: BridgeProcess, method: str, path: str, body: Any = None) -
 async def scrape(bp: BridgeProcess) -> dict[str, float]:
     status, text = await asyncio.to_thread(http_get, bp.http_url + "/metrics")
     assert status == 200, text
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
+    return metric_samples(text)
 
 
 async def close_code(client: Any) -> int:
