@@ -687,6 +687,8 @@ class WSSManager:
                         client.send(frame)
             if topic.catching and seq is not None:
                 for client, catching in topic.catching.items():
+                    if client.closing:
+                        continue  # nothing more will be sent to it: hold and count nothing more
                     catching.held.append((seq, subject, frame))
                     if len(catching.held) > limit:
                         # Held back for a client that cannot even read its history in time.
