@@ -9,7 +9,6 @@ a failed refresh keeps the keys we have and says so in the log.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -131,10 +130,10 @@ class KeyStore:
         await self.load()
         task = asyncio.create_task(self._refresh_periodically()) if self._config.jwt_jwks else None
         yield
-        for running in (task, self._refetch):
-            if running is not None:
-                running.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await running
+        running = [t for t in (task, self._refetch) if t is not None]
+        for t in running:
+            t.cancel()
+        # Their CancelledError is collected; ours (a cancelled stop) still propagates.
+        await asyncio.gather(*running, return_exceptions=True)
 
 
