@@ -23,7 +23,14 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from config import OVERFLOW_DROP_OLDEST, Limits
-from frames import CLOSE_INTERNAL_ERROR, CLOSE_TRY_AGAIN_LATER, close_frame, dropped_frame, json_frame
+from frames import (
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_TRY_AGAIN_LATER,
+    close_frame,
+    close_reason,
+    dropped_frame,
+    json_frame,
+)
 from metrics import Stats
 from permissions import Permissions
 
@@ -344,13 +351,13 @@ class Client:
         self._queued_bytes = 0
         if self._writer is not None:
             self._writer.cancel()
-        message = reason.encode()[:123]
+        message = close_reason(reason)
         if self._protocol.writing_paused:
             # The peer is not reading, so a close handshake cannot finish: put
             # the close frame behind what it has not read yet, give it
             # the timeout to catch up, then abort, which ends the connection
             # handler and so releases everything this client held.
-            self._transport.write(close_frame(code, message))
+            self._transport.write(close_frame(code, message.encode()))
             asyncio.get_running_loop().call_later(timeout, self._transport.abort)
             return
         try:

@@ -24,7 +24,7 @@ from aiohttp import web
 from access import Refused, check_backend, refused
 from app_state import PLANE
 from commands import DEFAULT_REASON, Command, Result, Target
-from control_plane import MAX_REASON_BYTES
+from frames import close_reason
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ async def _reason(request: web.Request) -> str:
     reason = body.get("reason", DEFAULT_REASON) if isinstance(body, dict) else None
     if not isinstance(reason, str):
         raise Refused(400, "control_body", 'Expected an empty body or {"reason": "..."}')
-    return reason.encode()[:MAX_REASON_BYTES].decode(errors="ignore")
+    return close_reason(reason)
 
 
 async def post_client(request: web.Request) -> web.Response:

@@ -68,13 +68,13 @@ from commands import (
     summarize,
     unavailable,
 )
+from frames import close_reason
 from handler import WSSManager
 
 logger = logging.getLogger(__name__)
 
 # Announcements an instance may miss before gatherers stop waiting for it.
 MISSES = 3
-MAX_REASON_BYTES = 123  # what a WebSocket close frame can carry
 
 
 class BadCommand(ValueError):
@@ -138,7 +138,7 @@ def decode_command(target: Target, op: Op, data: bytes) -> Command:
         reason = obj.get("reason", DEFAULT_REASON)
         if not isinstance(reason, str):
             raise BadCommand("'reason' must be a string")
-        return Command(target, key, op, reason.encode()[:MAX_REASON_BYTES].decode(errors="ignore"))
+        return Command(target, key, op, close_reason(reason))
     if "body" not in obj:
         raise BadCommand("'body' is required: the request, as an object or its JSON text")
     body = obj["body"]

@@ -112,6 +112,15 @@ def text_frame(payload: bytes) -> bytes:
     return header + payload
 
 
+# What a close frame's reason can carry (RFC 6455 5.5: 125 bytes of payload, 2 of them the code).
+MAX_REASON_BYTES = 123
+
+
+def close_reason(text: str) -> str:
+    """``text`` cut to what a close frame carries, never inside a UTF-8 character."""
+    return text.encode()[:MAX_REASON_BYTES].decode(errors="ignore")
+
+
 def close_frame(code: int, reason: bytes) -> bytes:
     payload = struct.pack("!H", code) + reason
     return bytes((0x88, len(payload))) + payload
