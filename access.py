@@ -58,11 +58,17 @@ def origin_allowed(origin: str | None, host: str | None, allowed: Sequence[str])
         return False
 
 
+def _bearer(request: web.Request) -> str | None:
+    """The ``Authorization: Bearer`` credential, if the request has one."""
+    auth = request.headers.get("Authorization", "")
+    return auth[7:].strip() if auth[:7].lower() == "bearer " else None
+
+
 def presented_token(request: web.Request) -> str | None:
     """The token a request carries: Bearer header, ``?token=`` or the cookie (browsers cannot set headers)."""
-    auth = request.headers.get("Authorization", "")
-    if auth[:7].lower() == "bearer ":
-        return auth[7:].strip()
+    given = _bearer(request)
+    if given is not None:
+        return given
     return request.query.get("token") or request.cookies.get(TOKEN_COOKIE)
 
 
@@ -131,8 +137,7 @@ def check_backend(request: web.Request) -> None:
     config = request.app[CONFIG]
     if not (config.control_tokens or config.auth_tokens or config.jwt_enabled):
         return  # no auth configured anywhere: open, as the settings say
-    auth = request.headers.get("Authorization", "")
-    given = auth[7:].strip() if auth[:7].lower() == "bearer " else None
+    given = _bearer(request)
     if token_valid(given, config.control_tokens):
         return
     if given and _is_user_credential(request, given):
