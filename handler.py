@@ -67,9 +67,9 @@ from history import HistoryError, Plan, parse_history
 from jetstream import JetStream, JetStreamError, LiveFeed, StreamInfo
 from metrics import Stats
 from permissions import SubjectPolicy
-from subjects import patterns_overlap, subject_error, subject_matches
+from subjects import patterns_overlap, subject_error
 from tokens import Identity, TokenError
-from topics import Check, Topic, delivers
+from topics import Check, Topic, delivers, denied
 
 logger = logging.getLogger(__name__)
 
@@ -430,7 +430,7 @@ class WSSManager:
                         last = seq
                         if topic.filtered and not self.policy.permits(msg.subject):
                             continue
-                        if any(subject_matches(f, msg.subject) for f in catching.check[1]):
+                        if denied(catching.check[1], msg.subject):
                             continue
                         plan.sent += 1
                         client.send(text_frame(encode_nats_message(msg, seq, history=True)))

@@ -98,12 +98,15 @@ class Topic:
         self.catching.pop(client, None)
 
 
+def denied(filters: tuple[str, ...], subject: str) -> bool:
+    """Does one of a client's filters (its token's denied patterns) match ``subject``?"""
+    return any(subject_matches(f, subject) for f in filters)
+
+
 def delivers(check: Check, subject: str) -> bool:
     """Does a checked client get a message on ``subject`` through this pattern?"""
     older, filters = check
-    if any(subject_matches(f, subject) for f in filters):
+    if denied(filters, subject):
         return False  # the user's token denies it
     # An older pattern that matches (and does not filter it) delivers it instead.
-    return not any(
-        subject_matches(p, subject) and not any(subject_matches(f, subject) for f in pf) for p, pf in older
-    )
+    return not any(subject_matches(p, subject) and not denied(pf, subject) for p, pf in older)
