@@ -507,11 +507,14 @@ class WSSManager:
         client.user = user
         client.perms = self.policy.for_user(user.sub, user.claim)
         self._arm_expiry(client)
-        revoked = [p for p, held in client.subjects.items()
-                   if not held.by_backend and client.perms.subscribe_refusal(p)]
-        for held_pattern, held in client.subjects.items():
-            if not held.by_backend:
-                held.filters = client.perms.filters(held_pattern)
+        revoked = []
+        for pattern, held in client.subjects.items():
+            if held.by_backend:
+                continue  # a backend's subscription: the user's claims never bound it
+            if client.perms.subscribe_refusal(pattern):
+                revoked.append(pattern)
+            else:
+                held.filters = client.perms.filters(pattern)
         await self._remove(client, revoked)
         self._recheck(client)
         self.stats.token_refreshes["ok"] += 1
