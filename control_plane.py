@@ -150,9 +150,10 @@ def result_message(result: Result) -> bytes:
     return json.dumps({"status": result.status, **result.body}).encode()
 
 
-def bad_command_message(exc: BadCommand) -> bytes:
-    return json.dumps({"status": 400, "success": False, "type": "reply", "connections": 0,
-                       "message": str(exc)}).encode()
+def failure_message(status: int, message: str) -> bytes:
+    """The answer to a command on an api subject that could not be carried out at all."""
+    return json.dumps({"status": status, "success": False, "type": "reply", "connections": 0,
+                       "message": message}).encode()
 
 
 # ---------------------------------------------------------------------------
@@ -289,14 +290,13 @@ class ControlPlane:
             target, op = self.subjects.command_kind(msg.subject)
             command = decode_command(target, op, msg.data)
         except BadCommand as exc:
-            return bad_command_message(exc)
+            return failure_message(400, str(exc))
         try:
             return result_message(await self.gather(command))
         except Exception:
             # The boundary of a NATS request: the backend gets an answer, the process carries on.
             logger.exception("control command on %s failed", msg.subject)
-            return json.dumps({"status": 500, "success": False, "type": "reply", "connections": 0,
-                               "message": "Internal error"}).encode()
+            return failure_message(500, "Internal error")
 
     async def on_each(self, msg: Msg) -> bytes:
         """A fan-out: carry the command out on this instance's connections and say what came of it."""
