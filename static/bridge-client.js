@@ -202,7 +202,7 @@ export class BridgeClient extends Emitter {
     this._nextId = 1;
     this._entries = new Map(); // subject -> {subject, state, error, confirmed, holders, options, removals}
     this._subs = new Set(); // live Subscriptions; _backend holds what a backend subscribed for us
-    this._matchCache = new Map();
+    this._routes = new Map(); // subject -> {matches, subs}: who a message on it reaches, until _changed
     this._outbox = [];
     this._byId = new Map(); // JSON of an id -> requests awaiting replies with it
     this._anon = []; // requests whose replies come without an id, in order
@@ -482,12 +482,14 @@ export class BridgeClient extends Emitter {
 
   _onMessage(frame, text) {
     const subject = frame.subject;
-    let matches = this._matchCache.get(subject);
-    if (!matches) {
-      matches = [...this._entries.keys()].filter((p) => subjectMatches(p, subject));
-      if (this._matchCache.size > 10000) this._matchCache.clear();
-      this._matchCache.set(subject, matches);
+    let route = this._routes.get(subject);
+    if (!route) {
+      const matches = [...this._entries.keys()].filter((p) => subjectMatches(p, subject));
+      const subs = [...this._subs].filter((sub) => sub.subjects.some((s) => matches.includes(s)));
+      if (this._routes.size > 10000) this._routes.clear();
+      this._routes.set(subject, (route = { matches, subs }));
     }
+    const matches = route.matches;
     const message = new BridgeMessage(frame, text, matches);
     if (typeof frame.seq === "number") {
       // Where each matching subscription stands in its stream: what a resume starts after.
@@ -497,9 +499,8 @@ export class BridgeClient extends Emitter {
       }
     }
     this._emit("message", message);
-    for (const sub of this._subs) {
-      if (sub._handlers.message && sub.subjects.some((s) => matches.includes(s))) sub._emit("message", message);
-    }
+    // _subs is checked again: a listener before it may have closed a subscription.
+    for (const sub of route.subs) if (sub._handlers.message && this._subs.has(sub)) sub._emit("message", message);
   }
 
   _onReply(frame) {
@@ -753,7 +754,7 @@ export class BridgeClient extends Emitter {
 
   // Coalesced: listeners hear once per turn however many subjects changed.
   _changed() {
-    this._matchCache.clear();
+    this._routes.clear(); // every change to subjects or subscriptions comes through here
     if (this._changeQueued) return;
     this._changeQueued = true;
     queueMicrotask(() => {
