@@ -44,6 +44,9 @@ class Limits:
     ping_interval: float = 20.0
     pong_timeout: float = 10.0
     max_history: int = 1000
+    max_stored_subjects: int = 20
+    max_stored_subjects_per_user: int = 100
+    max_jetstream_consumers: int = 500
 
 
 class ConfigError(ValueError):
@@ -349,6 +352,21 @@ class Config:
         "most stored messages one subscribe's history may send; a resume needing more "
         "answers recovered: false",
     )
+    max_stored_subjects: int = opt(
+        20, "MAX_STORED_SUBJECTS", _count,
+        "subjects from JetStream streams one connection may follow at once (each costs the bridge a "
+        "JetStream consumer)",
+    )
+    max_stored_subjects_per_user: int = opt(
+        100, "MAX_STORED_SUBJECTS_PER_USER", _count,
+        "distinct subjects from JetStream streams one user (JWT sub) may follow at once over all their "
+        "connections to this process",
+    )
+    max_jetstream_consumers: int = opt(
+        500, "MAX_JETSTREAM_CONSUMERS", _count,
+        "JetStream consumers this process holds at once: live feeds take at most 80%, history readers "
+        "90%; a stream's own max_consumers is shared the same way, the rest left to other applications",
+    )
     create_stream: str = opt(
         "", "CREATE_STREAM", _stream_spec,
         "NAME:subject,subject: create this JetStream stream at start if it does not exist "
@@ -432,6 +450,9 @@ class Config:
             ping_interval=self.ping_interval,
             pong_timeout=self.pong_timeout,
             max_history=self.max_history,
+            max_stored_subjects=self.max_stored_subjects,
+            max_stored_subjects_per_user=self.max_stored_subjects_per_user,
+            max_jetstream_consumers=self.max_jetstream_consumers,
         )
 
     @property

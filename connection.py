@@ -108,7 +108,7 @@ class Client:
     # Slots: one of these per connection, and there may be tens of thousands.
     __slots__ = (
         "_closer", "_closing", "_flusher", "_limits", "_pending", "_protocol", "_queue", "_queued_bytes",
-        "_stats", "_stream", "_strikes", "_strikes_at", "_tokens", "_tokens_at", "_transport",
+        "_room", "_stats", "_stream", "_strikes", "_strikes_at", "_tokens", "_tokens_at", "_transport",
         "_unreported_drops", "_writer", "catch_ups", "close_code", "dropped", "id", "opened", "peer", "perms",
         "sent", "subjects", "timers", "user", "ws",
     )
@@ -164,6 +164,8 @@ class Client:
         # client costs no task, which matters at tens of thousands of connections.
         self._writer: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
+        # Set while a history read waits for room in the queue (see ``room``).
+        self._room: asyncio.Future[None] | None = None
 
     @property
     def closing(self) -> bool:
@@ -192,6 +194,7 @@ class Client:
         if not self._queue and not self._protocol.writing_paused:
             if self._transport.is_closing():
                 self._closing = True
+                self._roomier()
                 return
             self._write(frames[0] if len(frames) == 1 else b"".join(frames), len(frames))
             return
@@ -245,12 +248,35 @@ class Client:
     def send_json(self, frame: dict[str, Any]) -> None:
         self.send(json_frame(frame))
 
+    def _crowded(self) -> bool:
+        limits = self._limits
+        return len(self._queue) > limits.queue_messages // 2 or self._queued_bytes > limits.queue_bytes // 2
+
+    async def room(self) -> None:
+        """Wait while this client's queue is more than half full.
+
+        History reads pace themselves by it: they fetch the next batch only once
+        the client has taken most of the last, so a large history costs the
+        client's queue and nothing more (never the bridge's memory, never its
+        NATS link), and a client that reads slowly slows only its own history.
+        """
+        await asyncio.sleep(0)  # this turn's frames reach the socket or the queue first
+        while not self._closing and self._crowded():
+            if self._room is None or self._room.done():
+                self._room = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._room)
+
+    def _roomier(self) -> None:
+        if self._room is not None and not self._room.done() and (self._closing or not self._crowded()):
+            self._room.set_result(None)
+
     async def _write_queue(self) -> None:
         """Drain the queue as the peer takes it; ends when the queue is empty."""
         try:
             await self._drain_queue()
         finally:
             self._writer = None
+            self._roomier()
 
     async def _drain_queue(self) -> None:
         queue, transport = self._queue, self._transport
@@ -282,6 +308,7 @@ class Client:
                 size += len(frame)
                 batch.append(frame)
             self._write(b"".join(batch), len(batch))
+            self._roomier()
 
     def _write(self, data: bytes, frames: int) -> None:
         self._transport.write(data)
@@ -325,12 +352,14 @@ class Client:
         if self._closing:
             return
         self._closing = True
+        self._roomier()
         self._closer = asyncio.create_task(self._close(code, reason, send_queued), name=f"ws-close-{self.id}")
 
     async def close(self, code: int, reason: str, timeout: float | None = None) -> None:
         """Close now; wait at most ``timeout`` (default close_timeout) for the peer's answer."""
         if not self._closing:
             self._closing = True
+            self._roomier()
             await self._close(code, reason, False, timeout)
         elif self._closer is not None:
             await asyncio.shield(self._closer)
@@ -386,6 +415,7 @@ class Client:
     async def stop_writer(self) -> None:
         """Stop the writer; a writer that died on a broken socket is not an error."""
         self._closing = True
+        self._roomier()
         writer = self._writer
         if writer is None:
             return

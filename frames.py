@@ -65,14 +65,16 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(name)
 
 
-def encode_nats_message(msg: Msg, seq: int | None = None, history: bool = False) -> bytes:
+def encode_nats_message(msg: Msg, seq: int | None = None, time: str | None = None,
+                        history: bool = False) -> bytes:
     """The UTF-8 JSON frame for one NATS message, built once and shared by all clients.
 
     A JSON payload is spliced in verbatim (after validation) rather than
     re-serialised: cheaper, and big integers or exact float spellings survive.
     ``seq`` is the message's stream sequence when it came through JetStream
-    (whose reply subject is JetStream's own, not the publisher's: not forwarded);
-    ``history`` marks a stored message sent because the client asked for history.
+    (whose reply subject is JetStream's own, not the publisher's: not forwarded),
+    and ``time`` when it was stored (RFC 3339); ``history`` marks a stored
+    message sent because the client asked for history.
     """
     head = '{"subject":' + json.dumps(msg.subject, ensure_ascii=False)
     payload = msg.data
@@ -93,6 +95,8 @@ def encode_nats_message(msg: Msg, seq: int | None = None, history: bool = False)
         extra += ',"headers":' + json.dumps(msg.headers, ensure_ascii=False)
     if seq is not None:
         extra += f',"seq":{seq:d}'
+        if time is not None:
+            extra += f',"time":"{time}"'
         if history:
             extra += ',"history":true'
     elif msg.reply:

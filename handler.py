@@ -64,7 +64,7 @@ from frames import (
     text_frame,
 )
 from history import HistoryError, Plan, parse_history
-from jetstream import JetStream, JetStreamError, LiveFeed, StreamInfo
+from jetstream import JetStream, JetStreamError, LiveFeed, StreamInfo, storing
 from metrics import Stats
 from permissions import SubjectPolicy
 from subjects import patterns_overlap, subject_error
@@ -72,6 +72,10 @@ from tokens import Identity, TokenError
 from topics import Check, Topic, delivers, denied
 
 logger = logging.getLogger(__name__)
+
+
+class FeedUnavailable(Exception):
+    """A stored pattern cannot get its live feed now; the message is the reply."""
 
 
 class WSSManager:
@@ -97,7 +101,8 @@ class WSSManager:
         # Every connection of each user (JWT on), for the user-level control API.
         self.users: defaultdict[str, set[Client]] = defaultdict(set)
         self.topics: dict[str, Topic] = {}
-        self.jetstream = JetStream(nats_client, timeout=self.limits.close_timeout)
+        self.jetstream = JetStream(nats_client, timeout=self.limits.close_timeout,
+                                   max_consumers=self.limits.max_jetstream_consumers)
         # The current tokens.Verifier (None: no JWT); a callable, since a JWKS refresh swaps it.
         self._verifier = verifier
         self._refresh_lead = refresh_lead
@@ -323,25 +328,32 @@ class WSSManager:
             refusal = client.perms.subscribe_refusal(subject, trusted=by_backend)
             if refusal:
                 raise BadFrame("policy", refusal)
-        spec, stored = None, {}
+        spec = None
         if history is not None:
-            # All or nothing: every subject must be stored before anything is subscribed.
             try:
                 spec = parse_history(history, self.limits.max_history)
             except HistoryError as exc:
                 raise BadFrame("history", str(exc)) from None
-            for subject in subjects:
-                stream = await self._stream_of(subject)
-                if stream is None:
-                    raise BadFrame("history", f"no stream stores {subject!r}: it has no history")
-                stored[subject] = stream
         wanted = [s for s in subjects if s not in client.subjects]
         if len(client.subjects) + len(wanted) > self.limits.max_subscriptions:
             raise BadFrame(
                 "limit", f"Subscription limit: at most {self.limits.max_subscriptions} per connection"
             )
         try:
+            stored = await self._streams_storing(subjects if spec is not None else wanted, spec is not None)
+        except JetStreamError as exc:
+            return reply(False, f"Could not read history: {exc}", request_id, action="subscribe",
+                         subjects=subjects)
+        if spec is not None:
+            # All or nothing: every subject must be stored before anything is subscribed.
+            for subject in subjects:
+                if subject not in stored:
+                    raise BadFrame("history", f"no stream stores {subject!r}: it has no history")
+        self._check_stored_share(client, [s for s in wanted if s in stored])
+        try:
             await self._add(client, wanted, by_backend, stored)
+        except FeedUnavailable as exc:
+            return reply(False, str(exc), request_id, action="subscribe", subjects=subjects)
         except (TimeoutError, NatsError, OSError) as exc:
             # NATS refused or is down: tell the client, keep the connection.
             logger.warning("subscribe %s for client %s failed: %r", wanted, client.id, exc)
@@ -350,7 +362,7 @@ class WSSManager:
         extra: dict[str, Any] = {}
         if spec is not None:
             try:
-                extra = await self._plan_history(client, subjects, spec)
+                extra = await self._plan_history(client, subjects, spec, stored)
             except (HistoryError, JetStreamError) as exc:
                 await self._remove(client, wanted)
                 return reply(False, f"Could not read history: {exc}", request_id,
@@ -363,15 +375,65 @@ class WSSManager:
         return reply(True, msg_subscribed(subjects), request_id, action="subscribe", subjects=subjects,
                      **extra)
 
-    async def _stream_of(self, subject: str) -> StreamInfo | None:
-        topic = self.topics.get(subject)
-        if topic is not None and topic.sub is not None:
-            # Followed through core NATS since before a stream stored it:
-            # live messages carry no sequence to join history to.
-            return None
-        return await self.jetstream.stream_storing(subject)
+    async def _streams_storing(self, patterns: list[str], fresh: bool) -> dict[str, StreamInfo]:
+        """The stream storing each of ``patterns``, from one listing of the streams (one API call).
 
-    async def _plan_history(self, client: Client, subjects: list[str], spec: Any) -> dict[str, Any]:
+        Patterns followed already keep what they have: a feed's stream, or none for a
+        core subscription made before a stream stored the pattern (its live messages
+        carry no sequence to join history to).  The listing is skipped when every
+        pattern is followed already, unless ``fresh`` (history needs the streams'
+        state as it is now).  Without JetStream, nothing is stored.
+        """
+        new = [p for p in patterns if p not in self.topics]
+        if not new and not fresh:
+            return {}
+        try:
+            streams = await self.jetstream.streams()
+        except JetStreamError as exc:
+            if fresh:
+                raise
+            logger.debug("no stream lookup for %s: %s", new, exc)
+            return {}
+        found: dict[str, StreamInfo] = {}
+        for pattern in patterns:
+            topic = self.topics.get(pattern)
+            if topic is not None and topic.feed is None:
+                continue
+            stream = storing(streams, pattern)
+            if stream is not None and (topic is None or topic.feed.stream == stream.name):  # type: ignore[union-attr]
+                found[pattern] = stream
+        return found
+
+    def _check_stored_share(self, client: Client, stored: list[str]) -> None:
+        """Refuse more stored patterns than one connection or one user may follow.
+
+        Threat: one user exhausting JetStream consumers for everyone.  Each stored
+        pattern costs a consumer (its live feed) on the NATS account, where streams
+        and other applications have limits of their own; without these shares one
+        user's connections could take them all, and then nobody else could read
+        history, resume, or even create the durable consumer their own app needs.
+        """
+        if not stored:
+            return
+        limits = self.limits
+        mine = sum(1 for p in client.subjects if self._is_stored(p))
+        if mine + len(stored) > limits.max_stored_subjects:
+            raise BadFrame("limit", f"Stored subject limit: at most {limits.max_stored_subjects} subjects "
+                                    "from JetStream streams per connection (MAX_STORED_SUBJECTS)")
+        if client.user is None:
+            return
+        theirs = {p for c in self.users.get(client.user.sub, ()) for p in c.subjects if self._is_stored(p)}
+        if len(theirs | set(stored)) > limits.max_stored_subjects_per_user:
+            raise BadFrame("limit", f"Stored subject limit: user {client.user.sub} may follow at most "
+                                    f"{limits.max_stored_subjects_per_user} subjects from JetStream streams "
+                                    "at once (MAX_STORED_SUBJECTS_PER_USER)")
+
+    def _is_stored(self, pattern: str) -> bool:
+        topic = self.topics.get(pattern)
+        return topic is not None and topic.feed is not None
+
+    async def _plan_history(self, client: Client, subjects: list[str], spec: Any,
+                            stored: dict[str, StreamInfo]) -> dict[str, Any]:
         """Hold the client's live messages back on each topic and plan its history.
 
         Holding starts before the stream is asked anything, so every message
@@ -384,10 +446,13 @@ class WSSManager:
         try:
             for subject in subjects:
                 feed = self.topics[subject].feed
-                assert feed is not None
-                plans.append(await history.plan(self.jetstream, subject, feed.stream, spec,
+                if feed is None:
+                    raise HistoryError(f"no stream stores {subject!r}: it has no history")
+                plans.append(await history.plan(self.jetstream, feed, stored[subject], spec,
                                                  self.limits.max_history))
         except BaseException:
+            for p in plans:
+                p.drop(self.jetstream)
             for subject in subjects:
                 topic = self.topics.get(subject)
                 if topic is not None:
@@ -397,12 +462,16 @@ class WSSManager:
         # last_seq: where this client stands once the history is sent: every later
         # message reaches it live, so a resume from there loses nothing.
         extra: dict[str, Any] = {"streams": {
-            p.pattern: {**p.describe(), "last_seq": self.topics[p.pattern].feed.last_seq} for p in plans}}
+            p.pattern: {**p.describe(), "last_seq": self._last_seq(p.pattern)} for p in plans}}
         if spec.mode == "after_seq":
             extra["recovered"] = all(p.recovered for p in plans)
             if len(plans) == 1 and not plans[0].recovered:
                 extra["first_seq"] = plans[0].stream.first_seq
         return extra
+
+    def _last_seq(self, pattern: str) -> int:
+        topic = self.topics.get(pattern)
+        return topic.feed.last_seq if topic is not None and topic.feed is not None else 0
 
     def catch_up_soon(self, client: Client) -> None:
         """``finish_catch_up`` in a task of its own (for requests a backend made)."""
@@ -426,14 +495,19 @@ class WSSManager:
                     catching = topic.catching.get(client) if topic is not None else None
                     if catching is None or client.closing:
                         return  # unsubscribed or gone meanwhile
-                    for msg, seq in batch:
-                        last = seq
+                    for stored in batch:
+                        msg = stored.msg
+                        last = stored.seq
                         if topic.filtered and not self.policy.permits(msg.subject):
                             continue
                         if denied(catching.check[1], msg.subject):
                             continue
                         plan.sent += 1
-                        client.send(text_frame(encode_nats_message(msg, seq, history=True)))
+                        client.send(text_frame(encode_nats_message(msg, stored.seq, stored.time,
+                                                                   history=True)))
+                    # Read no faster than the client takes it: its queue, not our
+                    # memory or the NATS link, absorbs a large history.
+                    await client.room()
             except JetStreamError as exc:
                 logger.warning("history of %s for client %s broke off: %s", plan.pattern, client.id, exc)
                 message = f"History of {plan.pattern} broke off after {plan.sent} messages: {exc}"
@@ -558,23 +632,21 @@ class WSSManager:
         carry their sequence), else a core NATS subscription."""
         topic = Topic(pattern, self.policy.needs_filter(pattern))
         on_message = self._make_callback(topic)
-        if stream is None:
-            stream = await self.jetstream.stream_storing(pattern)
         if stream is not None:
-            feed = LiveFeed(self.jetstream, self._nats, stream.name, pattern, on_message)
+            feed = LiveFeed(self.jetstream, self._nats, stream, pattern, on_message)
             try:
                 await feed.start()
             except JetStreamError as exc:
-                # Live delivery matters more than sequences: fall back to core NATS.
-                logger.warning("no live feed for %s from stream %s (%s); following it without sequences",
-                               pattern, stream.name, exc)
-            else:
-                topic.feed, topic.epoch = feed, stream.epoch
-                logger.debug("live feed created for %s from stream %s", pattern, stream.name)
-                return topic
+                # Never quietly without sequences: a client that loses seq loses resume.
+                logger.warning("no live feed for %s from stream %s: %s", pattern, stream.name, exc)
+                raise FeedUnavailable(f"Could not follow {pattern!r} from stream {stream.name} now: {exc}; "
+                                      "nothing was subscribed, try again later") from None
+            topic.feed, topic.epoch = feed, stream.epoch
+            logger.debug("live feed created for %s from stream %s", pattern, stream.name)
+            return topic
 
         async def on_core_message(msg: Msg) -> None:
-            on_message(msg, None)
+            on_message(msg, None, None)
 
         topic.sub = await self._nats().subscribe(pattern, cb=on_core_message)
         logger.debug("NATS subscription created for %s", pattern)
@@ -670,10 +742,10 @@ class WSSManager:
             # The NATS connection may already be closed at shutdown.
             logger.info("unsubscribe %s: %r", topic.pattern, exc)
 
-    def _make_callback(self, topic: Topic) -> Callable[[Msg, int | None], None]:
+    def _make_callback(self, topic: Topic) -> Callable[[Msg, int | None, str | None], None]:
         stats, permits, limit = self.stats, self.policy.permits, self.limits.queue_messages
 
-        def on_message(msg: Msg, seq: int | None) -> None:
+        def on_message(msg: Msg, seq: int | None, when: str | None) -> None:
             # Synchronous: called per message in order, and every client's
             # queue receives the frame in that same order.
             stats.messages_received += 1
@@ -681,7 +753,7 @@ class WSSManager:
             if topic.filtered and not permits(subject):
                 stats.filtered += 1
                 return
-            frame = text_frame(encode_nats_message(msg, seq))
+            frame = text_frame(encode_nats_message(msg, seq, when))
             for client in topic.clients:
                 client.send(frame)
             if topic.checked:

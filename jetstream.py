@@ -2,6 +2,18 @@
 
 Everything goes through the bridge's one NATS connection as JetStream API
 requests (``$JS.API.>``); browsers never see that API (it is denied to them).
+Every call is counted by kind (``calls``, exported as
+``bridge_jetstream_api_calls_total``), so what a request costs is measured,
+not guessed.
+
+Stored messages are data, whatever headers they carry.  A message that came
+out of a stream always has JetStream's ``$JS.ACK.`` reply subject; the server's
+own control messages (idle heartbeats, flow control, a pull request's end)
+never do.  That, not a ``Status`` header, is what tells them apart: anyone
+allowed to publish into a stream can store a message with ``Status: 100`` and
+``Nats-Consumer-Stalled: $JS.API.STREAM.DELETE.X`` headers, and a bridge that
+believed them would delete the stream on its own connection (and follow a
+forged ``Nats-Last-Consumer`` into restarting its feed for ever).
 
 ``LiveFeed`` is an ordered push consumer written here rather than nats-py's
 ``ordered_consumer=True``: nats-py 2.6 never stops that mode's heartbeat and
@@ -13,16 +25,26 @@ with its stream sequence, in order, none twice, across gaps (a missed
 delivery is detected by the consumer sequence and the feed restarts right
 after the last stream sequence it delivered) and across the loss of the
 consumer itself (heartbeats stop; a watchdog restarts it the same way).
+
+Consumers are a shared, limited resource of the NATS account: a stream may
+cap them (``max_consumers``) and every other application of the account needs
+its own.  ``Consumers`` is the bridge's budget: at most ``MAX_JETSTREAM_CONSUMERS``
+at once in this process, live feeds never past 80 % of it nor of a stream's
+cap, history readers never past 90 %; the rest is never taken, so one
+browser user can never use up what others (and other applications) need.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime as dt
+import functools
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,12 +64,40 @@ HEARTBEAT = 5.0  # seconds between the server's idle heartbeats to a live feed
 # An ephemeral consumer the bridge lost track of (a crash, a dropped link) is
 # removed by the server after this long without interest.
 LIVE_INACTIVE = 30.0
-READ_INACTIVE = 5.0
+# A history reader waits while its client drains (history.read paces itself), so
+# a slow client's reader must outlive a long pause; it is deleted once read.
+READ_INACTIVE = 60.0
 FETCH_BATCH = 256
+# Bytes one history fetch may bring at most (raised to the server's largest
+# message when that is bigger, or a large message could never be fetched).
+# With FETCHES_IN_FLIGHT this bounds what history reads have in flight on the
+# bridge's one NATS connection: past what it can take, nats-server cuts it
+# off as a slow consumer, and every client loses messages.
+FETCH_BYTES = 256 * 1024
+FETCHES_IN_FLIGHT = 4
+# A live feed keeps its latest message in memory up to this size (one per stored pattern).
+LATEST_MAX_BYTES = 64 * 1024
+
+# Error codes of the JetStream API that the bridge tells apart.
+ERR_STREAM_NOT_FOUND = 10059
+ERR_NO_MESSAGE = 10037
+ERR_MAX_CONSUMERS = 10026
+
+# Shares of a consumer cap (ours or a stream's) each use may reach.
+FEED_SHARE = 0.8
+READER_SHARE = 0.9
 
 
 class JetStreamError(Exception):
     """A JetStream API call failed (not enabled, no such stream, timed out)."""
+
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class BudgetError(JetStreamError):
+    """No consumer may be made now: the bridge's or the stream's share is used up."""
 
 
 @dataclass(frozen=True)
@@ -58,35 +108,164 @@ class StreamInfo:
     last_seq: int
     # Changes when the stream is deleted and recreated: its creation time.
     epoch: str
+    # The stream's cap on consumers (-1: none) and how many it has.
+    max_consumers: int = -1
+    consumer_count: int = 0
 
 
 def _stream_info(info: dict[str, Any]) -> StreamInfo:
-    state, config = info.get("state", {}), info.get("config", {})
+    state, config = info.get("state") or {}, info.get("config") or {}
     return StreamInfo(
-        name=config["name"],
+        name=str(config["name"]),
         subjects=tuple(config.get("subjects") or ()),
         first_seq=int(state.get("first_seq", 0)),
         last_seq=int(state.get("last_seq", 0)),
         epoch=str(info.get("created", "")),
+        max_consumers=int(config.get("max_consumers", -1)),
+        consumer_count=int(state.get("consumer_count", 0)),
     )
+
+
+def storing(streams: list[StreamInfo], pattern: str) -> StreamInfo | None:
+    """The stream that stores every subject ``pattern`` matches, or None.
+
+    A pattern only partly inside a stream (``orders.>`` when the stream
+    holds ``orders.new``) is not stored: history for it would be partial.
+    """
+    for stream in streams:
+        if any(pattern_within(pattern, s) for s in stream.subjects):
+            return stream
+    return None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What JetStream's ``$JS.ACK`` reply subject says about a stored message."""
+
+    stream_seq: int
+    consumer_seq: int
+    # When it was stored, in nanoseconds since the epoch.
+    timestamp: int
+
+
+def delivery(reply: str) -> Delivery | None:
+    """The delivery facts of a stored message, or None for anything that is not one."""
+    if not reply.startswith("$JS.ACK."):
+        return None
+    parts = reply.split(".")
+    try:
+        if len(parts) == 9:  # $JS.ACK.stream.consumer.delivered.sseq.dseq.ts.pending
+            return Delivery(int(parts[5]), int(parts[6]), int(parts[7]))
+        if len(parts) >= 11:  # with domain and account hash
+            return Delivery(int(parts[7]), int(parts[8]), int(parts[9]))
+    except ValueError:
+        return None
+    return None
 
 
 def stream_sequence(reply: str) -> tuple[int, int] | None:
     """(stream sequence, consumer sequence) from a JetStream delivery's ``$JS.ACK`` reply subject."""
-    parts = reply.split(".")
-    if len(parts) == 9 and parts[1] == "ACK":  # $JS.ACK.stream.consumer.delivered.sseq.dseq.ts.pending
-        return int(parts[5]), int(parts[6])
-    if len(parts) >= 11 and parts[1] == "ACK":  # with domain and account hash
-        return int(parts[7]), int(parts[8])
-    return None
+    found = delivery(reply)
+    return (found.stream_seq, found.consumer_seq) if found is not None else None
+
+
+@functools.lru_cache(maxsize=4)
+def _utc_second(seconds: int) -> str:
+    # Cached: the messages of one second share their date text (this runs per stored message).
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+
+
+def rfc3339(timestamp_ns: int) -> str:
+    """A JetStream timestamp as RFC 3339 in UTC with nanoseconds, as JetStream writes them."""
+    seconds, nanos = divmod(timestamp_ns, NS)
+    return f"{_utc_second(seconds)}.{nanos:09d}Z"
+
+
+def parse_headers(raw: bytes) -> dict[str, str] | None:
+    """A stored message's header block (``NATS/1.0\\r\\nK: V\\r\\n...``) as nats-py would give it."""
+    lines = raw.decode("utf-8", "replace").split("\r\n")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if sep and name.strip():
+            headers[name.strip()] = value.strip()
+    return headers or None
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A stored message read from a stream: the message, its sequence and its time."""
+
+    msg: Msg
+    seq: int
+    time: str
+
+
+def stored_from_delivery(msg: Msg) -> Stored | None:
+    found = delivery(msg.reply or "")
+    if found is None:
+        return None
+    return Stored(msg, found.stream_seq, rfc3339(found.timestamp))
+
+
+class Consumers:
+    """The bridge's consumer budget (``MAX_JETSTREAM_CONSUMERS``): feeds and readers held now."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.feeds = 0
+        self.readers = 0
+        # Consumers this process made on each stream since its count was last read
+        # (a stream's consumer_count comes from the listing made for the request).
+        self._made: Counter[str] = Counter()
+
+    @property
+    def held(self) -> int:
+        return self.feeds + self.readers
+
+    def check(self, kind: str, stream: StreamInfo | None) -> None:
+        """BudgetError saying why, if a consumer of ``kind`` ("feed" or "reader") may not be made now."""
+        share = FEED_SHARE if kind == "feed" else READER_SHARE
+        if self.held + 1 > int(self.limit * share):
+            raise BudgetError(f"the bridge already holds {self.held} JetStream consumers "
+                              f"(MAX_JETSTREAM_CONSUMERS={self.limit})", ERR_MAX_CONSUMERS)
+        if stream is not None and stream.max_consumers > 0:
+            count = stream.consumer_count + self._made[stream.name]
+            if count + 1 > int(stream.max_consumers * share):
+                raise BudgetError(f"stream {stream.name} has {count} of its {stream.max_consumers} "
+                                  "consumers in use; the rest are kept for others", ERR_MAX_CONSUMERS)
+
+    def made(self, kind: str, stream: str) -> None:
+        if kind == "feed":
+            self.feeds += 1
+        else:
+            self.readers += 1
+        self._made[stream] += 1
+
+    def gone(self, kind: str, stream: str) -> None:
+        if kind == "feed":
+            self.feeds -= 1
+        else:
+            self.readers -= 1
+        if self._made[stream] > 0:
+            self._made[stream] -= 1
+
+    def listed(self) -> None:
+        """The streams were just listed: their consumer counts include ours again."""
+        self._made.clear()
 
 
 class JetStream:
     """The JetStream API over the bridge's NATS connection."""
 
-    def __init__(self, nats_client: Callable[[], NATS | None], timeout: float = 5.0) -> None:
+    def __init__(self, nats_client: Callable[[], NATS | None], timeout: float = 5.0,
+                 max_consumers: int = 500) -> None:
         self._nats = nats_client
-        self._timeout = timeout
+        self.timeout = timeout
+        self.consumers = Consumers(max_consumers)
+        # API calls made, by kind (STREAM.LIST, CONSUMER.CREATE, ...).
+        self.calls: Counter[str] = Counter()
+        self._fetches = asyncio.Semaphore(FETCHES_IN_FLIGHT)
         # Clean-ups nobody waits for, kept so they are not collected half-way.
         self._background: set[asyncio.Task[None]] = set()
 
@@ -101,75 +280,147 @@ class JetStream:
             raise JetStreamError("not connected to NATS")
         return nc
 
+    def _count(self, subject: str) -> None:
+        tokens = subject.split(".")
+        # STREAM.MSG.GET.<stream> and CONSUMER.MSG.NEXT.<stream>.<consumer> name three tokens.
+        self.calls[".".join(tokens[:3] if tokens[1:2] == ["MSG"] else tokens[:2])] += 1
+
     async def api(self, subject: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         payload = json.dumps(body).encode() if body is not None else b""
+        self._count(subject)
         try:
-            msg = await self._nc().request(f"$JS.API.{subject}", payload, timeout=self._timeout)
+            msg = await self._nc().request(f"$JS.API.{subject}", payload, timeout=self.timeout)
         except NoRespondersError:
             raise JetStreamError("JetStream is not enabled on the NATS server") from None
         except (TimeoutError, NatsError, OSError) as exc:
             raise JetStreamError(f"JetStream did not answer: {exc or type(exc).__name__}") from None
-        answer = json.loads(msg.data)
+        try:
+            answer = json.loads(msg.data)
+        except ValueError:
+            raise JetStreamError("JetStream answered something that is not JSON") from None
+        if not isinstance(answer, dict):
+            raise JetStreamError("JetStream answered something that is not a JSON object")
         if "error" in answer:
-            error = answer["error"]
-            raise JetStreamError(f"{error.get('description', 'error')} ({error.get('err_code', '?')})")
+            error = answer["error"] if isinstance(answer["error"], dict) else {}
+            code = error.get("err_code", 0)
+            raise JetStreamError(f"{error.get('description', 'error')} ({code or '?'})",
+                                 code if isinstance(code, int) else 0)
         return answer
 
-    async def stream_storing(self, pattern: str) -> StreamInfo | None:
-        """The stream that stores every subject ``pattern`` matches, or None.
+    async def streams(self) -> list[StreamInfo]:
+        """Every stream of the account, with its state: one call per 256 streams."""
+        found: list[StreamInfo] = []
+        offset = 0
+        while True:
+            answer = await self.api("STREAM.LIST", {"offset": offset})
+            page = answer.get("streams") or []
+            for info in page:
+                with contextlib.suppress(KeyError, TypeError, ValueError):
+                    found.append(_stream_info(info))
+            offset += len(page)
+            if not page or offset >= int(answer.get("total", 0)):
+                break
+        self.consumers.listed()
+        return found
 
-        A pattern only partly inside a stream (``orders.>`` when the stream
-        holds ``orders.new``) is not stored: history for it would be partial.
-        """
+    async def stream_storing(self, pattern: str) -> StreamInfo | None:
+        """The stream that stores ``pattern`` (see ``storing``), or None, JetStream or not."""
         try:
-            answer = await self.api("STREAM.LIST", {"subject": pattern})
+            return storing(await self.streams(), pattern)
         except JetStreamError as exc:
             logger.debug("no stream lookup for %s: %s", pattern, exc)
             return None
-        for info in answer.get("streams") or ():
-            stream = _stream_info(info)
-            if any(pattern_within(pattern, s) for s in stream.subjects):
-                return stream
-        return None
 
     async def stream_info(self, name: str) -> StreamInfo:
         return _stream_info(await self.api(f"STREAM.INFO.{name}"))
 
-    async def create_consumer(self, stream: str, config: dict[str, Any]) -> dict[str, Any]:
-        return await self.api(f"CONSUMER.CREATE.{stream}", {"stream_name": stream, "config": config})
+    async def create_consumer(self, stream: StreamInfo, kind: str, config: dict[str, Any]) -> dict[str, Any]:
+        """A consumer within the budget; BudgetError when none may be made now."""
+        self.consumers.check(kind, stream)
+        body = {"stream_name": stream.name, "config": config}
+        answer = await self.api(f"CONSUMER.CREATE.{stream.name}", body)
+        self.consumers.made(kind, stream.name)
+        return answer
 
-    async def delete_consumer(self, stream: str, name: str) -> None:
+    async def delete_consumer(self, stream: str, kind: str, name: str) -> None:
+        self.consumers.gone(kind, stream)
         with contextlib.suppress(JetStreamError):
             await self.api(f"CONSUMER.DELETE.{stream}.{name}")
 
-    async def reader(self, stream: str, pattern: str, start: dict[str, Any]) -> tuple[str, int]:
+    async def reader(self, stream: StreamInfo, pattern: str, start: dict[str, Any]) -> tuple[str, int]:
         """An ephemeral pull consumer over ``pattern`` from ``start`` (a deliver policy and its
         options); its name and how many messages it has pending."""
         config = {"ack_policy": "none", "filter_subject": pattern, "mem_storage": True, "num_replicas": 1,
                   "inactive_threshold": int(READ_INACTIVE * NS), **start}
-        info = await self.create_consumer(stream, config)
-        return info["name"], int(info.get("num_pending", 0))
+        info = await self.create_consumer(stream, "reader", config)
+        return str(info["name"]), int(info.get("num_pending", 0))
 
-    async def fetch(self, stream: str, consumer: str, batch: int) -> list[Msg]:
-        """Up to ``batch`` messages from a pull consumer, without waiting for new ones."""
-        nc = self._nc()
-        inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox)
+    def drop_reader(self, stream: str, name: str) -> None:
+        self.in_background(self.delete_consumer(stream, "reader", name))
+
+    async def last_message(self, stream: str, pattern: str) -> Stored | None:
+        """The latest stored message matching ``pattern``: one call, no consumer."""
         try:
-            request = json.dumps({"batch": batch, "no_wait": True}).encode()
-            await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}", request, reply=inbox)
-            msgs: list[Msg] = []
-            while len(msgs) < batch:
-                try:
-                    msg = await sub.next_msg(timeout=self._timeout)
-                except (TimeoutError, NatsError) as exc:
-                    raise JetStreamError(f"reading {stream} timed out: {exc or type(exc).__name__}") from None
-                if msg.headers and msg.headers.get("Status"):
-                    break  # 404 no messages, 408 request expired: that is all there is
-                msgs.append(msg)
-            return msgs
-        finally:
-            await sub.unsubscribe()
+            answer = await self.api(f"STREAM.MSG.GET.{stream}", {"last_by_subj": pattern})
+        except JetStreamError as exc:
+            if exc.code == ERR_NO_MESSAGE:
+                return None
+            raise
+        return self._stored(answer)
+
+    async def message(self, stream: str, seq: int) -> Stored | None:
+        try:
+            answer = await self.api(f"STREAM.MSG.GET.{stream}", {"seq": seq})
+        except JetStreamError as exc:
+            if exc.code == ERR_NO_MESSAGE:
+                return None
+            raise
+        return self._stored(answer)
+
+    def _stored(self, answer: dict[str, Any]) -> Stored:
+        message = answer.get("message")
+        try:
+            raw_headers = base64.b64decode(message.get("hdrs") or "")  # type: ignore[union-attr]
+            msg = Msg(self._nc(), subject=str(message["subject"]),  # type: ignore[index]
+                      data=base64.b64decode(message.get("data") or ""),  # type: ignore[union-attr]
+                      headers=parse_headers(raw_headers) if raw_headers else None)
+            return Stored(msg, int(message["seq"]), str(message["time"]))  # type: ignore[index]
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise JetStreamError("JetStream answered a message get without a message") from None
+
+    async def fetch(self, stream: str, consumer: str, batch: int) -> list[Stored]:
+        """Up to ``batch`` stored messages from a pull consumer, without waiting for new ones.
+
+        Bounded in bytes (``FETCH_BYTES``) and in how many fetches run at once, so
+        history reads, however many and however large, never flood the bridge's
+        NATS connection.
+        """
+        nc = self._nc()
+        max_bytes = max(FETCH_BYTES, nc.max_payload + 4096)
+        async with self._fetches:
+            inbox = nc.new_inbox()
+            sub = await nc.subscribe(inbox)
+            try:
+                request = json.dumps({"batch": batch, "no_wait": True, "max_bytes": max_bytes}).encode()
+                self.calls["CONSUMER.MSG.NEXT"] += 1
+                await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}", request, reply=inbox)
+                got: list[Stored] = []
+                while len(got) < batch:
+                    try:
+                        msg = await sub.next_msg(timeout=self.timeout)
+                    except (TimeoutError, NatsError) as exc:
+                        what = exc or type(exc).__name__
+                        raise JetStreamError(f"reading {stream} timed out: {what}") from None
+                    stored = stored_from_delivery(msg)
+                    if stored is None:
+                        # The server's own status (404 no messages, 408 expired, 409 max
+                        # bytes): this fetch is over.  A stored message is never taken for
+                        # one, whatever headers it carries.
+                        break
+                    got.append(stored)
+                return got
+            finally:
+                await sub.unsubscribe()
 
     async def ensure_stream(self, name: str, subjects: list[str], max_msgs: int, max_age: float) -> bool:
         """Create the stream unless it exists (an existing one is left as it is); True if created."""
@@ -177,7 +428,7 @@ class JetStream:
             await self.api(f"STREAM.INFO.{name}")
             return False
         except JetStreamError as exc:
-            if "10059" not in str(exc):  # stream not found
+            if exc.code != ERR_STREAM_NOT_FOUND:
                 raise
         await self.api(f"STREAM.CREATE.{name}", {
             "name": name, "subjects": subjects, "max_msgs": max_msgs, "max_age": int(max_age * NS),
@@ -194,14 +445,35 @@ def start_at_time(when: dt.datetime) -> dict[str, Any]:
     return {"deliver_policy": "by_start_time", "opt_start_time": when.isoformat().replace("+00:00", "Z")}
 
 
-class LiveFeed:
-    """A shared live subscription to a stored pattern: every message once, in order, with its sequence."""
+def server_control(msg: Msg) -> bool:
+    """Is this one of the server's own messages to a push consumer (heartbeat, flow control)?
 
-    def __init__(self, js: JetStream, nats_client: Callable[[], NATS | None], stream: str, pattern: str,
-                 on_message: Callable[[Msg, int], None]) -> None:
+    Only a message without a ``$JS.ACK`` reply can be: a stored message always
+    has one, so forged ``Status`` headers in it are just data.
+    """
+    return not (msg.reply or "").startswith("$JS.ACK.") and bool(msg.headers) and \
+        msg.headers.get("Status") == "100"  # type: ignore[union-attr]
+
+
+def flow_control_subject(subject: str | None) -> bool:
+    """The only subjects a feed ever answers on the server's behalf: its flow-control replies."""
+    return bool(subject) and subject.startswith("$JS.FC.")  # type: ignore[union-attr]
+
+
+class LiveFeed:
+    """A shared live subscription to a stored pattern: every message once, in order, with its sequence.
+
+    It starts at the pattern's latest stored message (``deliver_policy: last``):
+    that one is not live, it is handed over as ``latest`` (a ``{"last": 1}``
+    history then costs no call at all); everything after it is delivered live.
+    """
+
+    def __init__(self, js: JetStream, nats_client: Callable[[], NATS | None], stream: StreamInfo,
+                 pattern: str, on_message: Callable[[Msg, int, str], None]) -> None:
         self._js = js
         self._nats = nats_client
-        self.stream = stream
+        self.stream = stream.name
+        self._info = stream
         self.pattern = pattern
         self._on_message = on_message
         self._sub: Subscription | None = None
@@ -209,13 +481,22 @@ class LiveFeed:
         self._generation = 0
         self._expected = 1  # the next consumer sequence
         self.last_seq = 0  # the last stream sequence delivered
+        # The latest stored message of the pattern, (msg, seq, time), kept while it is
+        # small: a {"last": 1} history is then served without a call.
+        self._latest: tuple[Msg, int, str] | None = None
+        # Set once the message stored before the feed began has arrived (or there was none).
+        self._latest_ready = asyncio.Event()
+        # How many messages were stored when the consumer was made (0 or 1, the latest
+        # match): they are history, not live.  Unknown (None) until its answer comes.
+        self._stored_at_start: int | None = None
+        self._nothing_stored = False
         self.last_activity = time.monotonic()
         self._restarting: asyncio.Task[None] | None = None
         self._stopped = False
 
     async def start(self) -> None:
-        """Subscribe from the next message stored; raises JetStreamError if the consumer cannot be made."""
-        await self._open({"deliver_policy": "new"})
+        """Subscribe from the latest stored message; JetStreamError (BudgetError) if no consumer is made."""
+        await self._open({"deliver_policy": "last"})
 
     async def _open(self, start: dict[str, Any]) -> None:
         nc = self._nats()
@@ -232,67 +513,99 @@ class LiveFeed:
                   "flow_control": True, "idle_heartbeat": int(HEARTBEAT * NS), "mem_storage": True,
                   "num_replicas": 1, "inactive_threshold": int(LIVE_INACTIVE * NS), **start}
         try:
-            info = await self._js.create_consumer(self.stream, config)
+            if old_consumer is None:
+                info = await self._js.create_consumer(self._info, "feed", config)
+            else:
+                # A restart replaces our own consumer: it takes no more of the budget.
+                info = await self._js.api(f"CONSUMER.CREATE.{self.stream}",
+                                          {"stream_name": self.stream, "config": config})
         except JetStreamError:
             with contextlib.suppress(NatsError):
                 await self._sub.unsubscribe()
             self._sub = old_sub
             raise
-        self._consumer = info["name"]
-        if start.get("deliver_policy") == "new":
-            # Where "new" began: a restart goes on from right after it.
-            self.last_seq = int(info.get("delivered", {}).get("stream_seq", 0))
+        self._consumer = str(info["name"])
+        if start.get("deliver_policy") == "last":
+            # Deliveries may have come before this answer; none of them was live.
+            delivered = int((info.get("delivered") or {}).get("stream_seq", 0))
+            stored = self._stored_at_start = int(info.get("num_pending", 0))
+            # The consumer starts at the latest stored match, right after ``delivered``.
+            self.last_seq = max(self.last_seq, delivered + 1 if stored else delivered)
+            self._nothing_stored = stored == 0 and self._expected == 1
+            if self._expected - 1 >= stored:
+                self._latest_ready.set()
         self.last_activity = time.monotonic()
         if old_sub is not None:
             with contextlib.suppress(NatsError):
                 await old_sub.unsubscribe()
         if old_consumer is not None:
-            await self._js.delete_consumer(self.stream, old_consumer)
+            with contextlib.suppress(JetStreamError):
+                await self._js.api(f"CONSUMER.DELETE.{self.stream}.{old_consumer}")
 
     def _callback(self, generation: int) -> Callable[[Msg], Any]:
         async def on_delivery(msg: Msg) -> None:
             if generation != self._generation or self._stopped:
                 return  # a replaced consumer's last words
             self.last_activity = time.monotonic()
-            headers = msg.headers
-            if headers and headers.get("Status") == "100":
-                await self._control(msg)
+            found = delivery(msg.reply or "")
+            if found is None:
+                if server_control(msg):
+                    await self._control(msg)
                 return
-            seqs = stream_sequence(msg.reply or "")
-            if seqs is None:
-                return
-            sseq, dseq = seqs
-            if dseq != self._expected:
+            if found.consumer_seq != self._expected:
                 # A delivery went missing (or came twice): start again right
                 # after the last one delivered, so nothing is lost or doubled.
-                self.restart_soon(f"consumer sequence {dseq}, expected {self._expected}")
+                self.restart_soon(f"consumer sequence {found.consumer_seq}, expected {self._expected}")
                 return
-            self._expected = dseq + 1
-            self.last_seq = sseq
-            self._on_message(msg, sseq)
+            self._expected = found.consumer_seq + 1
+            when = rfc3339(found.timestamp)
+            self._latest = (msg, found.stream_seq, when) if len(msg.data) <= LATEST_MAX_BYTES else None
+            self._nothing_stored = False
+            if generation == 1 and (self._stored_at_start is None
+                                    or found.consumer_seq <= self._stored_at_start):
+                # Stored before the feed began, or delivered before anyone could follow
+                # it (its consumer's answer has not even come): history, not live.
+                self.last_seq = max(self.last_seq, found.stream_seq)
+                if self._stored_at_start is not None and found.consumer_seq >= self._stored_at_start:
+                    self._latest_ready.set()
+                return
+            self.last_seq = found.stream_seq
+            self._on_message(msg, found.stream_seq, when)
 
         return on_delivery
 
+    async def latest(self) -> Stored | None:
+        """The pattern's latest stored message (None: nothing is stored): from memory, else one call."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._latest_ready.wait(), self._js.timeout)
+        if self._latest is not None and self._latest[1] == self.last_seq:
+            return Stored(*self._latest)
+        if self._nothing_stored:
+            return None
+        return await self._js.last_message(self.stream, self.pattern)
+
     async def _control(self, msg: Msg) -> None:
+        """The server's heartbeat or flow-control request (``server_control`` said so)."""
         headers = msg.headers or {}
         nc = self._nats()
         if nc is None:
             return
-        if "FlowControl" in headers.get("Description", "") and msg.reply:
+        if "FlowControl" in headers.get("Description", "") and flow_control_subject(msg.reply):
             # Every earlier delivery has been handed on (this callback runs in order).
             await nc.publish(msg.reply, b"")
             return
         stalled = headers.get("Nats-Consumer-Stalled")
-        if stalled:
-            await nc.publish(stalled, b"")
+        if flow_control_subject(stalled):
+            await nc.publish(stalled, b"")  # type: ignore[arg-type]
         last = headers.get("Nats-Last-Consumer")
-        if last is not None and int(last) != self._expected - 1:
+        if last is not None and last.isdigit() and int(last) != self._expected - 1:
             self.restart_soon(f"heartbeat says {last} delivered, we have {self._expected - 1}")
 
     def restart_soon(self, why: str) -> None:
         if self._stopped or (self._restarting is not None and not self._restarting.done()):
             return
         logger.info("live feed %s on %s restarts after %d: %s", self.pattern, self.stream, self.last_seq, why)
+        self._latest_ready.set()  # whatever has not arrived by now will not
         self._restarting = asyncio.create_task(self._restart())
 
     async def _restart(self) -> None:
@@ -311,12 +624,16 @@ class LiveFeed:
 
     async def stop(self) -> None:
         self._stopped = True
+        self._latest_ready.set()
         if self._restarting is not None:
             self._restarting.cancel()
         if self._sub is not None:
             with contextlib.suppress(NatsError):
                 await self._sub.unsubscribe()
         nc = self._nats()
-        if self._consumer is not None and nc is not None and nc.is_connected:
-            # Not awaited: the server removes it anyway once nobody listens.
-            self._js.in_background(self._js.delete_consumer(self.stream, self._consumer))
+        if self._consumer is not None:
+            if nc is not None and nc.is_connected:
+                # Not awaited: the server removes it anyway once nobody listens.
+                self._js.in_background(self._js.delete_consumer(self.stream, "feed", self._consumer))
+            else:
+                self._js.consumers.gone("feed", self.stream)

@@ -107,6 +107,21 @@ class BridgeCollector:
             refreshes.add_metric([result], s.token_refreshes[result])
         yield refreshes
 
+        js = m.jetstream
+        calls = CounterMetricFamily(
+            "bridge_jetstream_api_calls", "JetStream API requests the bridge made, by call.", labels=["call"]
+        )
+        for call, n in sorted(js.calls.items()):
+            calls.add_metric([call], n)
+        yield calls
+        consumers = GaugeMetricFamily(
+            "bridge_jetstream_consumers", "JetStream consumers held now: live feeds and history readers.",
+            labels=["kind"],
+        )
+        consumers.add_metric(["feed"], js.consumers.feeds)
+        consumers.add_metric(["reader"], js.consumers.readers)
+        yield consumers
+
         bad = CounterMetricFamily(
             "bridge_bad_frames", "Control frames answered with an error, by kind.", labels=["kind"]
         )

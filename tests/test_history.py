@@ -404,7 +404,7 @@ async def test_history_obeys_the_users_denied_subjects(js_server, bridge_factory
 # ---------------------------------------------------------------------------
 
 
-async def test_slow_consumer_during_a_large_history_is_closed_and_others_are_unaffected(
+async def test_history_waits_for_a_client_that_stops_reading_and_others_are_unaffected(
     js_server, bridge_factory, ws_factory, js, stream
 ):
     subject = f"{stream['base']}.big"
@@ -417,10 +417,23 @@ async def test_slow_consumer_during_a_large_history_is_closed_and_others_are_una
     stalled = await StalledWebSocket.connect(bridge.port)
     try:
         await stalled.send_json({"subjects": [subject], "history": {"last": 500}})
-        await eventually(lambda: bridge.manager.stats.slow_consumer_disconnects == 1, timeout=TIMEOUT)
+        # Paced by the client: what it has not taken waits in its own queue, bounded, and
+        # the reading stops there rather than filling the bridge's memory.
+        clients = bridge.manager.clients
+        stalled_client = await eventually(
+            lambda: next((c for i, c in clients.items() if i != healthy.connection_id), None))
+        await eventually(lambda: len(stalled_client._queue) > 0)
+        await asyncio.sleep(1)
+        assert len(stalled_client._queue) <= 64
+        assert bridge.manager.stats.slow_consumer_disconnects == 0
+        assert stalled_client.sent < 500
         [live] = await store(js, subject, 1, tag="after")
         assert (await healthy.receive_message())["seq"] == live
+        # Live messages held back behind its history pile up past its queue bound: then it is closed.
+        await store(js, subject, 70, tag="pile")
+        await eventually(lambda: bridge.manager.stats.slow_consumer_disconnects == 1, timeout=TIMEOUT)
         await eventually(lambda: len(bridge.manager.clients) == 1, timeout=TIMEOUT)
+        assert len(await messages(healthy, 70)) == 70
     finally:
         stalled.close()
 
