@@ -134,6 +134,17 @@ def _template_patterns(text: str) -> tuple[str, ...]:
     return patterns
 
 
+def _protected_patterns(text: str) -> tuple[str, ...]:
+    """Built-in protected patterns, each spelled exactly: a near miss (``$JS.API.>``) is an error,
+    not a silent no-op that leaves the operator believing something was opened, or closed."""
+    patterns = _list(text)
+    for pattern in patterns:
+        if pattern not in DEFAULT_DENY:
+            raise ValueError(f"expected built-in protected patterns, comma-separated, each exactly one of "
+                             f"{','.join(DEFAULT_DENY)}; {pattern!r} is not one")
+    return patterns
+
+
 def _secret(text: str) -> str:
     if len(text.encode()) < 32:
         raise ValueError("expected an HMAC secret of at least 32 bytes (256 bits)")
@@ -316,7 +327,15 @@ class Config:
         "subject patterns clients may subscribe within; {sub} stands for the token's sub",
     )
     subject_deny: tuple[str, ...] = opt(
-        DEFAULT_DENY, "SUBJECT_DENY", _patterns, "subject patterns never forwarded, even through wildcards"
+        (), "SUBJECT_DENY", _patterns,
+        "subject patterns never forwarded, even through wildcards, on top of the built-in protected ones "
+        f"({','.join(DEFAULT_DENY)}), which always apply",
+    )
+    dangerously_unprotect_subjects: tuple[str, ...] = opt(
+        (), "DANGEROUSLY_UNPROTECT_SUBJECTS", _protected_patterns,
+        "built-in protected patterns to open to browsers (within SUBJECT_ALLOW and PUBLISH_ALLOW), "
+        "comma-separated, each spelled exactly as listed under SUBJECT_DENY; logged as a warning at start. "
+        "$JS.> opens JetStream's API (deleting streams), _INBOX.> every app's replies",
     )
     publish_allow: tuple[str, ...] = opt(
         (), "PUBLISH_ALLOW", _template_patterns,
@@ -438,7 +457,7 @@ class Config:
     def policy(self) -> SubjectPolicy:
         return SubjectPolicy(
             allow=self.subject_allow, deny=self.subject_deny, publish_allow=self.publish_allow,
-            control_subject=self.control_subject,
+            control_subject=self.control_subject, unprotect=self.dangerously_unprotect_subjects,
         )
 
 

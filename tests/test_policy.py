@@ -13,8 +13,9 @@ import json
 import uuid
 from typing import Any
 
+import nats
 import pytest
-from conftest import TIMEOUT, publish
+from conftest import TIMEOUT, nats_synced, publish
 
 from config import ConfigError, load_config
 from permissions import DEFAULT_DENY, SubjectPolicy
@@ -284,6 +285,60 @@ def test_publish_policy_applies_deny_list_even_when_allowed():
     assert perms.publish_refusal("_INBOX.x") is not None
 
 
+# SUBJECT_DENY adds to the built-in protected subjects (security review, finding 6).
+# Threat: an operator sets SUBJECT_DENY='internal.>' to hide their own subjects;
+# had that replaced the built-in list, browsers could read every app's reply
+# inboxes and drive JetStream's API (delete streams).  Only a setting that says
+# it is dangerous, naming each built-in pattern, removes one.
+
+ATTACKED = {"SUBJECT_DENY": "internal.>", "PUBLISH_ALLOW": ">"}
+
+
+@pytest.mark.parametrize("pattern", DEFAULT_DENY)
+def test_subject_deny_adds_to_the_built_in_protected_subjects(pattern):
+    perms = load_config([], ATTACKED).policy.for_user()
+    assert perms.subscribe_refusal(pattern) is not None
+    assert perms.publish_refusal(pattern.replace(">", "x")) is not None
+
+
+def test_subject_deny_still_denies_what_it_names():
+    perms = load_config([], ATTACKED).policy.for_user()
+    assert perms.subscribe_refusal("internal.>") is not None
+    assert perms.publish_refusal("internal.x") is not None
+
+
+@pytest.mark.parametrize("pattern", DEFAULT_DENY)
+def test_dangerously_unprotect_subjects_opens_exactly_the_named_pattern(pattern):
+    env = {"DANGEROUSLY_UNPROTECT_SUBJECTS": pattern, "PUBLISH_ALLOW": ">"}
+    perms = load_config([], env).policy.for_user()
+    opened = {p for p in DEFAULT_DENY
+              if perms.subscribe_refusal(p) is None and perms.publish_refusal(p.replace(">", "x")) is None}
+    assert opened == {pattern}
+
+
+def test_dangerously_unprotect_subjects_never_opens_the_control_plane():
+    env = {"DANGEROUSLY_UNPROTECT_SUBJECTS": ",".join(DEFAULT_DENY), "PUBLISH_ALLOW": ">"}
+    perms = load_config([], env).policy.for_user()
+    assert perms.subscribe_refusal("bridge.control.>") is not None
+    assert perms.publish_refusal("bridge.control.users.disconnect") is not None
+
+
+def test_subject_deny_wins_over_dangerously_unprotect_subjects():
+    env = {"DANGEROUSLY_UNPROTECT_SUBJECTS": "$JS.>", "SUBJECT_DENY": "$JS.API.>", "PUBLISH_ALLOW": ">"}
+    perms = load_config([], env).policy.for_user()
+    assert perms.publish_refusal("$JS.API.STREAM.DELETE.X") is not None
+    assert perms.publish_refusal("$JS.ACK.x") is None
+
+
+@pytest.mark.parametrize("value", ["internal.>", "$JS.API.>", ">", "$js.>", "$JS.>,bridge.control.>"])
+def test_dangerously_unprotect_subjects_takes_only_built_in_patterns(value):
+    with pytest.raises(ConfigError) as error:
+        load_config([], {"DANGEROUSLY_UNPROTECT_SUBJECTS": value})
+    message = str(error.value)
+    assert "DANGEROUSLY_UNPROTECT_SUBJECTS" in message and "\n" not in message
+    assert "$SYS.>" in message  # says what it may name
+
+
 # ---------------------------------------------------------------------------
 # End to end through the bridge
 # ---------------------------------------------------------------------------
@@ -443,3 +498,51 @@ async def test_publish_payload_over_max_publish_bytes_is_refused(bridge_factory,
     frame = await client.request({"action": "publish", "subject": "chat.room", "data": "x" * 101})
     assert frame["success"] is False
     assert "too large" in frame["message"]
+
+
+async def test_subject_deny_setting_leaves_jetstream_and_inboxes_closed_to_a_browser(
+    js_server, bridge_factory, ws_factory
+):
+    # The attack of finding 6, end to end: SUBJECT_DENY='internal.>' PUBLISH_ALLOW='>'.
+    config = load_config([], ATTACKED)
+    bridge = await bridge_factory(nats_url=js_server.url, subject_deny=config.subject_deny,
+                                  publish_allow=config.publish_allow)
+    nc = await asyncio.wait_for(nats.connect(js_server.url), TIMEOUT)
+    try:
+        js = nc.jetstream()
+        name = f"VICTIM_{uuid.uuid4().hex[:8]}"
+        await asyncio.wait_for(js.add_stream(name=name, subjects=[f"{name.lower()}.>"]), TIMEOUT)
+        attacker = await ws_factory(bridge.ws_url)
+        for pattern in ("_INBOX.>", "$JS.>"):
+            frame = await attacker.request({"action": "subscribe", "subjects": [pattern]})
+            assert frame["success"] is False and "not allowed" in frame["message"], frame
+        frame = await attacker.request({"action": "publish", "subject": f"$JS.API.STREAM.DELETE.{name}",
+                                        "data": ""})
+        assert frame["success"] is False and "not allowed" in frame["message"], frame
+        await nats_synced(bridge)
+        info = await asyncio.wait_for(js.stream_info(name), TIMEOUT)
+        assert info.config.name == name
+    finally:
+        await asyncio.wait_for(nc.close(), TIMEOUT)
+
+
+async def test_dangerously_unprotect_subjects_lets_a_browser_follow_the_named_pattern(
+    nats_server, bridge_factory, ws_factory, nc
+):
+    bridge = await bridge_factory(nats_url=nats_server.url, dangerously_unprotect_subjects=("_INBOX.>",))
+    client = await ws_factory(bridge.ws_url)
+    tag = uuid.uuid4().hex[:8]
+    await client.subscribe(f"_INBOX.{tag}")
+    assert (await client.request({"action": "subscribe", "subjects": ["$JS.>"]}))["success"] is False
+    await nats_synced(bridge)
+    await publish(nc, f"_INBOX.{tag}", {"opened": True})
+    assert (await client.receive_message())["data"] == {"opened": True}
+
+
+async def test_dangerously_unprotect_subjects_is_logged_as_a_warning_at_start(nats_server, bridge_factory,
+                                                                             caplog):
+    caplog.set_level("WARNING")
+    await bridge_factory(nats_url=nats_server.url, dangerously_unprotect_subjects=("$JS.>", "_INBOX.>"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("DANGEROUSLY_UNPROTECT_SUBJECTS" in w and "$JS.>" in w and "_INBOX.>" in w
+               for w in warnings), warnings
