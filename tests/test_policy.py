@@ -15,9 +15,10 @@ from typing import Any
 
 import nats
 import pytest
-from conftest import TIMEOUT, nats_synced, publish
+from conftest import TIMEOUT, nats_synced, publish, unique
 
 from config import ConfigError, load_config
+from frames import BadFrame, publish_payload
 from permissions import DEFAULT_DENY, SubjectPolicy
 from subjects import pattern_within, patterns_overlap, subject_matches
 
@@ -546,3 +547,65 @@ async def test_dangerously_unprotect_subjects_is_logged_as_a_warning_at_start(na
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("DANGEROUSLY_UNPROTECT_SUBJECTS" in w and "$JS.>" in w and "_INBOX.>" in w
                for w in warnings), warnings
+
+
+# Non-finite numbers (security review, finding 11).  Threat: a browser publishes
+# 1e999, NaN or Infinity and NATS subscribers get `Infinity`/`NaN`, which is not
+# JSON: their parsers fail (or, worse, some accept it), on a subject the bridge
+# was trusted to feed only JSON.  Each is refused and nothing reaches NATS.
+
+NON_FINITE = {
+    "1e999": ("1e999", "too large for JSON"),
+    "-1e999": ("-1e999", "too large for JSON"),
+    "NaN": ("NaN", "NaN is not a JSON value"),
+    "Infinity": ("Infinity", "Infinity is not a JSON value"),
+    "-Infinity": ("-Infinity", "-Infinity is not a JSON value"),
+    "in-an-array": ("[1, 2, 1e999]", "too large for JSON"),
+    "nan-in-an-object": ('{"a": {"b": [NaN]}}', "NaN is not a JSON value"),
+    "in-an-object": ('{"t": -1e999}', "too large for JSON"),
+}
+
+
+@pytest.fixture
+async def publishing(bridge_factory, nats_server, ws_factory, nc) -> Any:
+    """A bridge that lets browsers publish under ``pub.``, a browser, and NATS listening there."""
+    bridge = await bridge_factory(nats_url=nats_server.url, publish_allow=("pub.>",))
+    subject = unique("pub")
+    sub = await nc.subscribe(subject)
+    await asyncio.wait_for(nc.flush(), TIMEOUT)
+    return {"client": await ws_factory(bridge.ws_url), "subject": subject, "sub": sub}
+
+
+@pytest.mark.parametrize("case", NON_FINITE)
+async def test_publish_of_a_non_finite_number_is_refused_and_nothing_reaches_nats(publishing, case):
+    data, words = NON_FINITE[case]
+    client, subject, sub = publishing["client"], publishing["subject"], publishing["sub"]
+    frame = await client.request(f'{{"action": "publish", "subject": "{subject}", "data": {data}}}')
+    assert frame["success"] is False and words in frame["message"], frame
+    # A good publish after it is the first thing NATS delivers: the refused one never went out.
+    assert (await client.request({"action": "publish", "subject": subject, "data": "next"}))["success"]
+    assert (await sub.next_msg(TIMEOUT)).data == b"next"
+
+
+async def test_publish_of_a_big_finite_integer_reaches_nats_exactly(publishing):
+    client, subject, sub = publishing["client"], publishing["subject"], publishing["sub"]
+    big = "123456789012345678901234567890123456789"
+    frame = await client.request(f'{{"action": "publish", "subject": "{subject}", "data": {big}}}')
+    assert frame["success"] is True, frame
+    assert (await sub.next_msg(TIMEOUT)).data == big.encode()
+
+
+async def test_publish_of_the_largest_finite_double_reaches_nats(publishing):
+    client, subject, sub = publishing["client"], publishing["subject"], publishing["sub"]
+    largest = "1.7976931348623157e308"
+    frame = await client.request(f'{{"action": "publish", "subject": "{subject}", "data": [{largest}]}}')
+    assert frame["success"] is True, frame
+    assert json.loads((await sub.next_msg(TIMEOUT)).data) == [float(largest)]
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), [1, {"x": float("inf")}]])
+def test_publish_payload_refuses_non_finite_numbers_however_they_arrive(value):
+    # The HTTP and NATS control paths parse with parse_object too; this guards any other caller.
+    with pytest.raises(BadFrame) as refused:
+        publish_payload({"data": value})
+    assert refused.value.kind == "publish" and "too large for JSON" in refused.value.message
