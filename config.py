@@ -321,6 +321,11 @@ class Config:
     max_connections: int = opt(
         10_000, "MAX_CONNECTIONS", _count, "open WebSockets per process; more are refused with HTTP 503"
     )
+    max_connections_per_user: int = opt(
+        50, "MAX_CONNECTIONS_PER_USER", _count,
+        "open WebSockets one user (the JWT's sub) may hold, counted per process (with WORKERS=N, up to N "
+        "times this on a host); more are refused with HTTP 429",
+    )
     # What they may do
     subject_allow: tuple[str, ...] = opt(
         (">",), "SUBJECT_ALLOW", _template_patterns,

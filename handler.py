@@ -28,10 +28,11 @@ one it is closed with 4001.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -86,6 +87,7 @@ class WSSManager:
         verifier: Callable[[], Any] = lambda: None,
         refresh_lead: float = 30.0,
         worker: int = 1,
+        max_connections_per_user: int = 50,
     ) -> None:
         # A callable, not the client itself: the NATS connection is made in the
         # app's startup hook, after the manager exists.
@@ -104,6 +106,9 @@ class WSSManager:
         # Which of this host's worker processes we are (WORKERS), told to every client.
         self.worker = worker
         self._slots = asyncio.Semaphore(max_connections)
+        # Connections each user holds or is opening here (MAX_CONNECTIONS_PER_USER).
+        self.max_connections_per_user = max_connections_per_user
+        self._user_slots: Counter[str] = Counter()
         # Serialises changes to ``topics`` so that two clients asking for the same
         # new pattern at once cannot create two NATS subscriptions.
         self._lock = asyncio.Lock()
@@ -120,11 +125,35 @@ class WSSManager:
         """Every connection slot is taken (checked before the upgrade, to answer 503)."""
         return self._slots.locked()
 
+    def user_full(self, sub: str) -> bool:
+        """``sub`` holds every connection it may here (checked before the upgrade, to answer 429)."""
+        return self._user_slots[sub] >= self.max_connections_per_user
+
+    @contextlib.asynccontextmanager
+    async def _user_slot(self, user: Identity | None) -> AsyncIterator[None]:
+        """Count one of ``user``'s connections from before the upgrade to the end.
+
+        Threat: one user's handshakes racing past the check.  ``ws.prepare``
+        awaits, and ``register`` comes after it, so counting there would let
+        every handshake already in flight pass routes.stream's check.  This is
+        entered synchronously right after that check (nothing awaits between).
+        """
+        if user is None:
+            yield
+            return
+        self._user_slots[user.sub] += 1
+        try:
+            yield
+        finally:
+            self._user_slots[user.sub] -= 1
+            if not self._user_slots[user.sub]:
+                del self._user_slots[user.sub]
+
     # -- one connection, start to end ----------------------------------------
 
     async def serve(self, request: web.Request, user: Identity | None = None) -> web.WebSocketResponse:
         """One WebSocket client: register, read control frames, always unregister."""
-        async with self._slots:
+        async with self._user_slot(user), self._slots:
             limits = self.limits
             # compress=False: permessage-deflate would compress each frame once per
             # client, while the uncompressed frame is built once for all of them.

@@ -59,7 +59,7 @@ def create_app(config: Config, worker: Worker = workers.LONE) -> panini_app.App:
     nats = partial(panini_workarounds.nats_client, app)
     manager = WSSManager(nats, config.limits, config.policy, config.max_connections,
                          verifier=lambda: keys.verifier, refresh_lead=config.jwt_refresh_lead,
-                         worker=worker.index)
+                         worker=worker.index, max_connections_per_user=config.max_connections_per_user)
     plane = ControlPlane(app, manager, nats, config.control_subject, config.control_timeout,
                          config.control_heartbeat, worker.index)
     web_app[CONFIG] = config

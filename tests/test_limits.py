@@ -16,6 +16,9 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import TIMEOUT, eventually, nats_synced, publish, unique
+from minting import SECRET, claims, hs256
+
+from app_state import LINK
 
 CLOSING = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED,
            aiohttp.WSMsgType.ERROR)
@@ -232,6 +235,94 @@ async def test_closed_connection_frees_its_slot(bridge_factory, nats_server, ws_
     await eventually(lambda: len(bridge.manager.clients) == 2)
     client = await ws_factory(bridge.ws_url)
     assert client.welcome["success"] is True
+
+
+# ---------------------------------------------------------------------------
+# MAX_CONNECTIONS_PER_USER (security review, finding 8).  Threat: one user's
+# token opening every connection slot of the process (all 300 in 0.4 s), so
+# every other user is refused with 503.  A user past the limit gets 429.
+# ---------------------------------------------------------------------------
+
+
+async def per_user_bridge(bridge_factory: Any, nats_server: Any, **overrides: Any) -> Any:
+    overrides.setdefault("max_connections_per_user", 2)
+    return await bridge_factory(nats_url=nats_server.url, jwt_secret=SECRET, **overrides)
+
+
+def as_user(sub: str) -> dict[str, Any]:
+    return {"headers": {"Authorization": f"Bearer {hs256(claims(sub))}"}}
+
+
+async def handshake(bridge: Any, sub: str) -> tuple[int, dict[str, Any]]:
+    """The HTTP status of ``sub``'s upgrade and, when refused, its JSON body."""
+    headers = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", **as_user(sub)["headers"]}
+    async with aiohttp.ClientSession() as session, session.get(
+        bridge.ws_url, headers=headers, timeout=aiohttp.ClientTimeout(total=TIMEOUT)
+    ) as resp:
+        return resp.status, ({} if resp.status == 101 else await resp.json())
+
+
+async def test_a_user_may_open_exactly_max_connections_per_user(bridge_factory, nats_server, ws_factory):
+    bridge = await per_user_bridge(bridge_factory, nats_server)
+    clients = [await ws_factory(bridge.ws_url, **as_user("alice")) for _ in range(2)]
+    assert all(c.welcome["user"] == "alice" for c in clients)
+
+
+async def test_connection_past_max_connections_per_user_is_refused_with_429_saying_why(
+    bridge_factory, nats_server, ws_factory
+):
+    bridge = await per_user_bridge(bridge_factory, nats_server)
+    for _ in range(2):
+        await ws_factory(bridge.ws_url, **as_user("alice"))
+    status, body = await handshake(bridge, "alice")
+    assert status == 429, body
+    assert "user alice already has 2 connections (MAX_CONNECTIONS_PER_USER)" in body["message"], body
+    assert bridge.app.http_server.web_app[LINK].refusals["user_connections"] == 1
+
+
+async def test_one_user_cannot_take_every_connection_slot_from_the_others(
+    bridge_factory, nats_server, ws_factory
+):
+    bridge = await per_user_bridge(bridge_factory, nats_server, max_connections=4)
+    outcomes = []
+    for _ in range(4):
+        try:
+            await ws_factory(bridge.ws_url, **as_user("mallory"))
+            outcomes.append(101)
+        except aiohttp.WSServerHandshakeError as exc:
+            outcomes.append(exc.status)
+    assert outcomes == [101, 101, 429, 429]
+    bob = await ws_factory(bridge.ws_url, **as_user("bob"))
+    assert bob.welcome["user"] == "bob"
+
+
+async def test_closed_connection_frees_its_users_slot(bridge_factory, nats_server, ws_factory):
+    bridge = await per_user_bridge(bridge_factory, nats_server)
+    clients = [await ws_factory(bridge.ws_url, **as_user("alice")) for _ in range(2)]
+    await clients[0].close()
+    await eventually(lambda: len(bridge.manager.clients) == 1)
+    client = await ws_factory(bridge.ws_url, **as_user("alice"))
+    assert client.welcome["user"] == "alice"
+
+
+async def test_concurrent_handshakes_of_one_user_never_pass_max_connections_per_user(
+    bridge_factory, nats_server, ws_factory
+):
+    # The check runs before the upgrade, which may await (here: a prepare hook that
+    # sleeps, as an app's own hook could): every handshake in flight must count.
+    async def slow_prepare(request: Any, response: Any) -> None:
+        await asyncio.sleep(0.05)
+
+    bridge = await per_user_bridge(bridge_factory, nats_server, max_connections_per_user=3,
+                                   on_response_prepare=slow_prepare)
+    results = await asyncio.gather(*(ws_factory(bridge.ws_url, **as_user("alice")) for _ in range(20)),
+                                   return_exceptions=True)
+    accepted = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, aiohttp.WSServerHandshakeError)]
+    assert (len(accepted), len(refused)) == (3, 17), results
+    assert {r.status for r in refused} == {429}
+    assert len(bridge.manager.clients) == 3
 
 
 # ---------------------------------------------------------------------------
