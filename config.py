@@ -364,8 +364,8 @@ class Config:
         20.0,
         "CONTROL_RATE",
         _rate,
-        "control frames per second per client (burst of the same size); "
-        "over it: error replies, then close 1008 if it goes on",
+        "control frames per second per client, WebSocket pings and pongs included (burst of the same "
+        "size); over it: error replies (no pong), then close 1008 if it goes on",
     )
     # History (JetStream)
     max_history: int = opt(

@@ -429,6 +429,91 @@ async def test_control_rate_below_one_per_second_still_allows_a_first_frame(
     assert not rate_limited(frame), frame
 
 
+# Pings and pongs count against CONTROL_RATE (security review, finding 7).
+# Threat: a ping flood.  aiohttp answered every ping by itself, at any rate:
+# 12 connections flooding 125-byte pings took a healthy client's p50 from
+# 2.5 ms to 411 ms.  Within the budget a ping gets its pong; past it, no pong
+# and no error reply, only strikes, and then 1008 like any other flood.
+
+PING = b"p" * 125  # the largest payload a control frame may carry
+
+
+async def control_flood(ws: aiohttp.ClientWebSocketResponse, send: Any, n: int = 200) -> None:
+    """Send ``n`` control frames as fast as the socket takes them, until the server closes."""
+    with suppress(ConnectionError):
+        for _ in range(n):
+            if ws.closed:
+                return
+            await send(PING)
+
+
+async def after_flood(ws: aiohttp.ClientWebSocketResponse) -> tuple[int, list[Any], int | None]:
+    """Pongs received, other frames received, and the close code, up to the server's close."""
+    pongs, others = 0, []
+    while True:
+        msg = await asyncio.wait_for(ws.receive(), TIMEOUT)
+        if msg.type is aiohttp.WSMsgType.PONG:
+            pongs += 1
+        elif msg.type in CLOSING:
+            return pongs, others, int(msg.data) if msg.type is aiohttp.WSMsgType.CLOSE else None
+        else:
+            others.append(msg)
+
+
+async def test_ping_flood_is_closed_with_1008_while_another_client_keeps_receiving(
+    bridge, ws_factory, nc
+):
+    healthy = await ws_factory(bridge.ws_url)
+    subject = unique()
+    await healthy.subscribe(subject)
+    flooder = await ws_factory(bridge.ws_url, autoping=False)
+    await control_flood(flooder.ws, flooder.ws.ping)
+    pongs, others, code = await after_flood(flooder.ws)
+    assert code == 1008
+    assert others == []  # no error reply for a ping
+    assert 1 <= pongs < 200
+    await nats_synced(bridge)
+    await publish(nc, subject, {"still": "served"})
+    assert (await healthy.receive_message())["data"] == {"still": "served"}
+
+
+async def test_pong_flood_is_closed_with_1008(bridge, ws_factory):
+    flooder = await ws_factory(bridge.ws_url, autoping=False)
+    await control_flood(flooder.ws, flooder.ws.pong)
+    _, others, code = await after_flood(flooder.ws)
+    assert (code, others) == (1008, [])
+
+
+async def test_pings_within_the_rate_get_their_pongs(bridge_factory, nats_server, ws_factory):
+    bridge = await bridge_factory(nats_url=nats_server.url, control_rate=5)
+    client = await ws_factory(bridge.ws_url, autoping=False)
+    for i in range(5):
+        await client.ws.ping(b"ping %d" % i)
+    answers = [await asyncio.wait_for(client.ws.receive(), TIMEOUT) for _ in range(5)]
+    assert [(m.type, m.data) for m in answers] == [(aiohttp.WSMsgType.PONG, b"ping %d" % i) for i in range(5)]
+
+
+async def test_ping_past_the_rate_gets_no_pong_and_no_reply(bridge_factory, nats_server, ws_factory):
+    # One frame a second (a burst of one): the first ping is answered, the next two are not.
+    bridge = await bridge_factory(nats_url=nats_server.url, control_rate=1)
+    client = await ws_factory(bridge.ws_url, autoping=False)
+    for i in range(3):
+        await client.ws.ping(b"ping %d" % i)
+    answer = await asyncio.wait_for(client.ws.receive(), TIMEOUT)
+    assert (answer.type, answer.data) == (aiohttp.WSMsgType.PONG, b"ping 0")
+    with pytest.raises(asyncio.TimeoutError):
+        extra = await asyncio.wait_for(client.ws.receive(), 0.5)  # well inside the next second
+        pytest.fail(f"unexpected {extra}")
+
+
+async def test_pings_spend_the_same_budget_as_requests(bridge_factory, nats_server, ws_factory):
+    bridge = await bridge_factory(nats_url=nats_server.url, control_rate=1)
+    client = await ws_factory(bridge.ws_url, autoping=False)
+    await client.ws.ping(b"spends the one token of this second")
+    assert (await asyncio.wait_for(client.ws.receive(), TIMEOUT)).type is aiohttp.WSMsgType.PONG
+    assert rate_limited(await client.request(probe_frame(1)))
+
+
 # ---------------------------------------------------------------------------
 # CLIENT_QUEUE_* : a client whose socket does not drain
 # ---------------------------------------------------------------------------
