@@ -33,7 +33,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
         # Nothing awaits between this check and serve() counting the slot (see there).
         return refuse(request, link.refusals, "user_connections", 429,
                       f"Too many connections: user {user.sub} already has "
-                      f"{config.max_connections_per_user} connections (MAX_CONNECTIONS_PER_USER)")
+                      f"{manager.max_connections_per_user} connections (MAX_CONNECTIONS_PER_USER)")
     if manager.full:
         return refuse(request, link.refusals, "capacity", 503, "Too many connections; try again later")
     return await manager.serve(request, user)
