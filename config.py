@@ -137,6 +137,17 @@ def _template_patterns(text: str) -> tuple[str, ...]:
     return patterns
 
 
+def _protected_patterns(text: str) -> tuple[str, ...]:
+    """Built-in protected patterns, each spelled exactly: a near miss (``$JS.API.>``) is an error,
+    not a silent no-op that leaves the operator believing something was opened, or closed."""
+    patterns = _list(text)
+    for pattern in patterns:
+        if pattern not in DEFAULT_DENY:
+            raise ValueError(f"expected built-in protected patterns, comma-separated, each exactly one of "
+                             f"{','.join(DEFAULT_DENY)}; {pattern!r} is not one")
+    return patterns
+
+
 def _secret(text: str) -> str:
     if len(text.encode()) < 32:
         raise ValueError("expected an HMAC secret of at least 32 bytes (256 bits)")
@@ -313,13 +324,26 @@ class Config:
     max_connections: int = opt(
         10_000, "MAX_CONNECTIONS", _count, "open WebSockets per process; more are refused with HTTP 503"
     )
+    max_connections_per_user: int = opt(
+        50, "MAX_CONNECTIONS_PER_USER", _count,
+        "open WebSockets one user (the JWT's sub) may hold, counted per process (with WORKERS=N, up to N "
+        "times this on a host); more are refused with HTTP 429",
+    )
     # What they may do
     subject_allow: tuple[str, ...] = opt(
         (">",), "SUBJECT_ALLOW", _template_patterns,
         "subject patterns clients may subscribe within; {sub} stands for the token's sub",
     )
     subject_deny: tuple[str, ...] = opt(
-        DEFAULT_DENY, "SUBJECT_DENY", _patterns, "subject patterns never forwarded, even through wildcards"
+        (), "SUBJECT_DENY", _patterns,
+        "subject patterns never forwarded, even through wildcards, on top of the built-in protected ones "
+        f"({','.join(DEFAULT_DENY)}), which always apply",
+    )
+    dangerously_unprotect_subjects: tuple[str, ...] = opt(
+        (), "DANGEROUSLY_UNPROTECT_SUBJECTS", _protected_patterns,
+        "built-in protected patterns to open to browsers (within SUBJECT_ALLOW and PUBLISH_ALLOW), "
+        "comma-separated, each spelled exactly as listed under SUBJECT_DENY; logged as a warning at start. "
+        "$JS.> opens JetStream's API (deleting streams), _INBOX.> every app's replies",
     )
     publish_allow: tuple[str, ...] = opt(
         (), "PUBLISH_ALLOW", _template_patterns,
@@ -343,8 +367,8 @@ class Config:
         20.0,
         "CONTROL_RATE",
         _rate,
-        "control frames per second per client (burst of the same size); "
-        "over it: error replies, then close 1008 if it goes on",
+        "control frames per second per client, WebSocket pings and pongs included (burst of the same "
+        "size); over it: error replies (no pong), then close 1008 if it goes on",
     )
     # History (JetStream)
     max_history: int = opt(
@@ -459,7 +483,7 @@ class Config:
     def policy(self) -> SubjectPolicy:
         return SubjectPolicy(
             allow=self.subject_allow, deny=self.subject_deny, publish_allow=self.publish_allow,
-            control_subject=self.control_subject,
+            control_subject=self.control_subject, unprotect=self.dangerously_unprotect_subjects,
         )
 
 

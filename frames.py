@@ -60,9 +60,10 @@ def msg_not_subscribed(subject: str) -> str:
 
 
 def _reject_constant(name: str) -> Any:
-    # NaN and Infinity are accepted by json.loads but are not JSON: a browser's
-    # JSON.parse would choke on the frame, so such payloads travel as text.
-    raise ValueError(name)
+    # NaN and Infinity are accepted by json.loads but are not JSON (RFC 8259): a
+    # browser's JSON.parse would choke on a frame holding one, so such payloads
+    # travel as text; and a client frame holding one is refused (parse_object).
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def encode_nats_message(msg: Msg, seq: int | None = None, time: str | None = None,
@@ -173,7 +174,9 @@ def dropped_frame(n: int) -> bytes:
 
 def parse_object(text: str | bytes) -> dict[str, Any]:
     try:
-        body = json.loads(text)
+        # NaN/Infinity refused here, or a browser's publish of them would reach NATS as
+        # `NaN`, which no subscriber's JSON parser must be made to accept.
+        body = json.loads(text, parse_constant=_reject_constant)
     except ValueError as exc:
         raise BadFrame("json", f"Invalid JSON: {exc}") from None
     except RecursionError:
@@ -220,9 +223,15 @@ def publish_payload(body: dict[str, Any]) -> bytes:
     try:
         if isinstance(data, str):
             return data.encode("utf-8")
-        return json.dumps(data, ensure_ascii=False).encode("utf-8")
+        # allow_nan=False: a JSON number beyond a double's range (1e999) parses to inf,
+        # which json.dumps would write as `Infinity`; NATS subscribers must only get JSON.
+        text = json.dumps(data, ensure_ascii=False, allow_nan=False)
+        return text.encode("utf-8")
     except UnicodeEncodeError:
         raise BadFrame("publish", "data is not valid Unicode (lone surrogate)") from None
+    except ValueError:
+        raise BadFrame("publish", "data holds a number too large for JSON (beyond ±1.8e308, like 1e999); "
+                                  "send it as a string") from None
 
 
 def _json_type(value: Any) -> str:

@@ -47,6 +47,11 @@ mimetypes.add_type("text/javascript", ".js")
 
 def create_app(config: Config, worker: Worker = workers.LONE) -> panini_app.App:
     """Build the Panini app; ``app.http_server.web_app`` is the aiohttp app to serve."""
+    if config.dangerously_unprotect_subjects:
+        # Said at every start, so an operator reading the log cannot miss what is open.
+        logger.warning("DANGEROUSLY_UNPROTECT_SUBJECTS: browsers may follow and publish on %s "
+                       "(within SUBJECT_ALLOW and PUBLISH_ALLOW)",
+                       ", ".join(config.dangerously_unprotect_subjects))
     app = panini_workarounds.make_app(config.service_name, config.nats_servers, config.nats_reconnect_wait)
     web_app = web.Application(client_max_size=config.max_frame_bytes)
     app.setup_web_server(host=config.http_host, port=config.http_port, web_app=web_app)
@@ -54,7 +59,7 @@ def create_app(config: Config, worker: Worker = workers.LONE) -> panini_app.App:
     nats = partial(panini_workarounds.nats_client, app)
     manager = WSSManager(nats, config.limits, config.policy, config.max_connections,
                          verifier=lambda: keys.verifier, refresh_lead=config.jwt_refresh_lead,
-                         worker=worker.index)
+                         worker=worker.index, max_connections_per_user=config.max_connections_per_user)
     plane = ControlPlane(app, manager, nats, config.control_subject, config.control_timeout,
                          config.control_heartbeat, worker.index)
     web_app[CONFIG] = config

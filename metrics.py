@@ -123,7 +123,8 @@ class BridgeCollector:
         yield consumers
 
         bad = CounterMetricFamily(
-            "bridge_bad_frames", "Control frames answered with an error, by kind.", labels=["kind"]
+            "bridge_bad_frames", "Control frames answered with an error (a ping over the rate: left "
+            "unanswered), by kind.", labels=["kind"]
         )
         for kind, n in sorted(s.bad_frames.items()):
             bad.add_metric([kind], n)

@@ -25,8 +25,13 @@ from subjects import pattern_within, patterns_overlap, subject_error, subject_ma
 
 SUB_TEMPLATE = "{sub}"
 
-# Never forwarded unless an operator says otherwise: the server's own control
-# subjects, JetStream's API and internal streams, reply inboxes of other apps.
+# The built-in protected subjects: the server's own control subjects, JetStream's
+# API and internal streams, reply inboxes of other apps.  A browser that may
+# publish to ``$JS.API.STREAM.DELETE.X`` deletes a stream; one that follows
+# ``_INBOX.>`` reads every answer to every request.  So they are always denied:
+# ``SUBJECT_DENY`` adds to them, never replaces them (an operator hiding
+# ``internal.>`` must not open these by the way), and only
+# ``DANGEROUSLY_UNPROTECT_SUBJECTS``, naming each pattern exactly, removes one.
 DEFAULT_DENY = ("$SYS.>", "$JS.>", "$KV.>", "$O.>", "_INBOX.>")
 
 # Where the bridges take commands from each other and from backends (CONTROL_SUBJECT).
@@ -155,21 +160,26 @@ class Permissions:
 
 @dataclass(frozen=True)
 class SubjectPolicy:
-    """The server's policy: ``SUBJECT_ALLOW``, ``SUBJECT_DENY``, ``PUBLISH_ALLOW``, and the
-    control plane (``CONTROL_SUBJECT``), which is denied on top of ``SUBJECT_DENY``.
+    """The server's policy: ``SUBJECT_ALLOW``, ``PUBLISH_ALLOW``, and what is denied: the
+    built-in protected subjects (``DEFAULT_DENY`` less ``unprotect``, from
+    ``DANGEROUSLY_UNPROTECT_SUBJECTS``), ``SUBJECT_DENY`` on top of them, and the
+    control plane (``CONTROL_SUBJECT``), which no setting opens.
 
     The allow lists may hold ``{sub}``; ``for_user`` resolves them for one user.
     """
 
     allow: tuple[str, ...] = (">",)
-    deny: tuple[str, ...] = DEFAULT_DENY
+    deny: tuple[str, ...] = ()
     publish_allow: tuple[str, ...] = ()
     control_subject: str = DEFAULT_CONTROL_SUBJECT
+    unprotect: tuple[str, ...] = ()
 
     @cached_property  # permits() runs per message on filtered subscriptions
     def denied(self) -> tuple[str, ...]:
-        """What no connection may follow or publish: ``SUBJECT_DENY`` and the control plane."""
-        return self.deny + control_patterns(self.control_subject)
+        """What no connection may follow or publish: the protected subjects, ``SUBJECT_DENY``
+        and the control plane."""
+        protected = tuple(p for p in DEFAULT_DENY if p not in self.unprotect)
+        return protected + self.deny + control_patterns(self.control_subject)
 
     def for_user(self, sub: str | None = None, claim: NatsClaim | None = None) -> Permissions:
         claim = claim or NatsClaim()

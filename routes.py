@@ -28,6 +28,12 @@ async def stream(request: web.Request) -> web.StreamResponse:
         user = identify(request)
     except Refused as exc:
         return refused(request, exc)
+    if user is not None and manager.user_full(user.sub):
+        # One user's token must not take every slot of the process from everyone else.
+        # Nothing awaits between this check and serve() counting the slot (see there).
+        return refuse(request, link.refusals, "user_connections", 429,
+                      f"Too many connections: user {user.sub} already has "
+                      f"{manager.max_connections_per_user} connections (MAX_CONNECTIONS_PER_USER)")
     if manager.full:
         return refuse(request, link.refusals, "capacity", 503, "Too many connections; try again later")
     return await manager.serve(request, user)

@@ -223,7 +223,9 @@ class Bridge:
 
 
 @asynccontextmanager
-async def running_bridge(**overrides: Any) -> AsyncIterator[Bridge]:
+async def running_bridge(on_response_prepare: Any = None, **overrides: Any) -> AsyncIterator[Bridge]:
+    """``on_response_prepare``: an aiohttp signal handler to add (one that awaits widens the
+    window between a handshake's checks and its upgrade, as a real app's hook could)."""
     overrides.setdefault("test_publish_interval", 0)
     overrides.setdefault("http_host", "127.0.0.1")
     overrides.setdefault("http_port", 0)
@@ -232,6 +234,8 @@ async def running_bridge(**overrides: Any) -> AsyncIterator[Bridge]:
     overrides.setdefault("service_name", f"bridge_test_{os.getpid()}_{time.monotonic_ns()}")
     config = main.Config(**overrides)
     app = main.create_app(config)
+    if on_response_prepare is not None:
+        app.http_server.web_app.on_response_prepare.append(on_response_prepare)
     runner = web.AppRunner(app.http_server.web_app, shutdown_timeout=5)
     await asyncio.wait_for(runner.setup(), TIMEOUT + config.nats_connect_timeout)
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -441,7 +441,7 @@ OPEN = {"subject_allow": (">",), "publish_allow": (">",)}
 
 @pytest.fixture
 async def open_pair(nats_server, bridge_factory) -> tuple[Any, Any]:
-    """Two bridges that let browsers publish and subscribe anything (SUBJECT_DENY empty too)."""
+    """Two bridges that let browsers publish and subscribe all but the protected subjects."""
     a = await bridge_factory(nats_url=nats_server.url, subject_deny=(), control_heartbeat=0.2, **OPEN)
     b = await bridge_factory(nats_url=nats_server.url, subject_deny=(), control_heartbeat=0.2, **OPEN)
     await acquainted(a, b)

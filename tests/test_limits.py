@@ -16,6 +16,9 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import TIMEOUT, eventually, nats_synced, publish, unique
+from minting import SECRET, claims, hs256
+
+from app_state import LINK
 
 CLOSING = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED,
            aiohttp.WSMsgType.ERROR)
@@ -235,6 +238,94 @@ async def test_closed_connection_frees_its_slot(bridge_factory, nats_server, ws_
 
 
 # ---------------------------------------------------------------------------
+# MAX_CONNECTIONS_PER_USER (security review, finding 8).  Threat: one user's
+# token opening every connection slot of the process (all 300 in 0.4 s), so
+# every other user is refused with 503.  A user past the limit gets 429.
+# ---------------------------------------------------------------------------
+
+
+async def per_user_bridge(bridge_factory: Any, nats_server: Any, **overrides: Any) -> Any:
+    overrides.setdefault("max_connections_per_user", 2)
+    return await bridge_factory(nats_url=nats_server.url, jwt_secret=SECRET, **overrides)
+
+
+def as_user(sub: str) -> dict[str, Any]:
+    return {"headers": {"Authorization": f"Bearer {hs256(claims(sub))}"}}
+
+
+async def handshake(bridge: Any, sub: str) -> tuple[int, dict[str, Any]]:
+    """The HTTP status of ``sub``'s upgrade and, when refused, its JSON body."""
+    headers = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", **as_user(sub)["headers"]}
+    async with aiohttp.ClientSession() as session, session.get(
+        bridge.ws_url, headers=headers, timeout=aiohttp.ClientTimeout(total=TIMEOUT)
+    ) as resp:
+        return resp.status, ({} if resp.status == 101 else await resp.json())
+
+
+async def test_a_user_may_open_exactly_max_connections_per_user(bridge_factory, nats_server, ws_factory):
+    bridge = await per_user_bridge(bridge_factory, nats_server)
+    clients = [await ws_factory(bridge.ws_url, **as_user("alice")) for _ in range(2)]
+    assert all(c.welcome["user"] == "alice" for c in clients)
+
+
+async def test_connection_past_max_connections_per_user_is_refused_with_429_saying_why(
+    bridge_factory, nats_server, ws_factory
+):
+    bridge = await per_user_bridge(bridge_factory, nats_server)
+    for _ in range(2):
+        await ws_factory(bridge.ws_url, **as_user("alice"))
+    status, body = await handshake(bridge, "alice")
+    assert status == 429, body
+    assert "user alice already has 2 connections (MAX_CONNECTIONS_PER_USER)" in body["message"], body
+    assert bridge.app.http_server.web_app[LINK].refusals["user_connections"] == 1
+
+
+async def test_one_user_cannot_take_every_connection_slot_from_the_others(
+    bridge_factory, nats_server, ws_factory
+):
+    bridge = await per_user_bridge(bridge_factory, nats_server, max_connections=4)
+    outcomes = []
+    for _ in range(4):
+        try:
+            await ws_factory(bridge.ws_url, **as_user("mallory"))
+            outcomes.append(101)
+        except aiohttp.WSServerHandshakeError as exc:
+            outcomes.append(exc.status)
+    assert outcomes == [101, 101, 429, 429]
+    bob = await ws_factory(bridge.ws_url, **as_user("bob"))
+    assert bob.welcome["user"] == "bob"
+
+
+async def test_closed_connection_frees_its_users_slot(bridge_factory, nats_server, ws_factory):
+    bridge = await per_user_bridge(bridge_factory, nats_server)
+    clients = [await ws_factory(bridge.ws_url, **as_user("alice")) for _ in range(2)]
+    await clients[0].close()
+    await eventually(lambda: len(bridge.manager.clients) == 1)
+    client = await ws_factory(bridge.ws_url, **as_user("alice"))
+    assert client.welcome["user"] == "alice"
+
+
+async def test_concurrent_handshakes_of_one_user_never_pass_max_connections_per_user(
+    bridge_factory, nats_server, ws_factory
+):
+    # The check runs before the upgrade, which may await (here: a prepare hook that
+    # sleeps, as an app's own hook could): every handshake in flight must count.
+    async def slow_prepare(request: Any, response: Any) -> None:
+        await asyncio.sleep(0.05)
+
+    bridge = await per_user_bridge(bridge_factory, nats_server, max_connections_per_user=3,
+                                   on_response_prepare=slow_prepare)
+    results = await asyncio.gather(*(ws_factory(bridge.ws_url, **as_user("alice")) for _ in range(20)),
+                                   return_exceptions=True)
+    accepted = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, aiohttp.WSServerHandshakeError)]
+    assert (len(accepted), len(refused)) == (3, 17), results
+    assert {r.status for r in refused} == {429}
+    assert len(bridge.manager.clients) == 3
+
+
+# ---------------------------------------------------------------------------
 # CONTROL_RATE
 # ---------------------------------------------------------------------------
 
@@ -336,6 +427,91 @@ async def test_control_rate_below_one_per_second_still_allows_a_first_frame(
     client = await ws_factory(bridge.ws_url)
     frame = await client.request(probe_frame(1))
     assert not rate_limited(frame), frame
+
+
+# Pings and pongs count against CONTROL_RATE (security review, finding 7).
+# Threat: a ping flood.  aiohttp answered every ping by itself, at any rate:
+# 12 connections flooding 125-byte pings took a healthy client's p50 from
+# 2.5 ms to 411 ms.  Within the budget a ping gets its pong; past it, no pong
+# and no error reply, only strikes, and then 1008 like any other flood.
+
+PING = b"p" * 125  # the largest payload a control frame may carry
+
+
+async def control_flood(ws: aiohttp.ClientWebSocketResponse, send: Any, n: int = 200) -> None:
+    """Send ``n`` control frames as fast as the socket takes them, until the server closes."""
+    with suppress(ConnectionError):
+        for _ in range(n):
+            if ws.closed:
+                return
+            await send(PING)
+
+
+async def after_flood(ws: aiohttp.ClientWebSocketResponse) -> tuple[int, list[Any], int | None]:
+    """Pongs received, other frames received, and the close code, up to the server's close."""
+    pongs, others = 0, []
+    while True:
+        msg = await asyncio.wait_for(ws.receive(), TIMEOUT)
+        if msg.type is aiohttp.WSMsgType.PONG:
+            pongs += 1
+        elif msg.type in CLOSING:
+            return pongs, others, int(msg.data) if msg.type is aiohttp.WSMsgType.CLOSE else None
+        else:
+            others.append(msg)
+
+
+async def test_ping_flood_is_closed_with_1008_while_another_client_keeps_receiving(
+    bridge, ws_factory, nc
+):
+    healthy = await ws_factory(bridge.ws_url)
+    subject = unique()
+    await healthy.subscribe(subject)
+    flooder = await ws_factory(bridge.ws_url, autoping=False)
+    await control_flood(flooder.ws, flooder.ws.ping)
+    pongs, others, code = await after_flood(flooder.ws)
+    assert code == 1008
+    assert others == []  # no error reply for a ping
+    assert 1 <= pongs < 200
+    await nats_synced(bridge)
+    await publish(nc, subject, {"still": "served"})
+    assert (await healthy.receive_message())["data"] == {"still": "served"}
+
+
+async def test_pong_flood_is_closed_with_1008(bridge, ws_factory):
+    flooder = await ws_factory(bridge.ws_url, autoping=False)
+    await control_flood(flooder.ws, flooder.ws.pong)
+    _, others, code = await after_flood(flooder.ws)
+    assert (code, others) == (1008, [])
+
+
+async def test_pings_within_the_rate_get_their_pongs(bridge_factory, nats_server, ws_factory):
+    bridge = await bridge_factory(nats_url=nats_server.url, control_rate=5)
+    client = await ws_factory(bridge.ws_url, autoping=False)
+    for i in range(5):
+        await client.ws.ping(b"ping %d" % i)
+    answers = [await asyncio.wait_for(client.ws.receive(), TIMEOUT) for _ in range(5)]
+    assert [(m.type, m.data) for m in answers] == [(aiohttp.WSMsgType.PONG, b"ping %d" % i) for i in range(5)]
+
+
+async def test_ping_past_the_rate_gets_no_pong_and_no_reply(bridge_factory, nats_server, ws_factory):
+    # One frame a second (a burst of one): the first ping is answered, the next two are not.
+    bridge = await bridge_factory(nats_url=nats_server.url, control_rate=1)
+    client = await ws_factory(bridge.ws_url, autoping=False)
+    for i in range(3):
+        await client.ws.ping(b"ping %d" % i)
+    answer = await asyncio.wait_for(client.ws.receive(), TIMEOUT)
+    assert (answer.type, answer.data) == (aiohttp.WSMsgType.PONG, b"ping 0")
+    with pytest.raises(asyncio.TimeoutError):
+        extra = await asyncio.wait_for(client.ws.receive(), 0.5)  # well inside the next second
+        pytest.fail(f"unexpected {extra}")
+
+
+async def test_pings_spend_the_same_budget_as_requests(bridge_factory, nats_server, ws_factory):
+    bridge = await bridge_factory(nats_url=nats_server.url, control_rate=1)
+    client = await ws_factory(bridge.ws_url, autoping=False)
+    await client.ws.ping(b"spends the one token of this second")
+    assert (await asyncio.wait_for(client.ws.receive(), TIMEOUT)).type is aiohttp.WSMsgType.PONG
+    assert rate_limited(await client.request(probe_frame(1)))
 
 
 # ---------------------------------------------------------------------------

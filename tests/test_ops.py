@@ -134,8 +134,10 @@ def test_bad_setting_is_a_config_error_naming_the_setting(env, value):
     assert env in str(error.value) and "\n" not in str(error.value)
 
 
-def test_empty_subject_deny_turns_the_deny_list_off():
-    assert config.load_config([], {"SUBJECT_DENY": ""}).subject_deny == ()
+def test_empty_subject_deny_keeps_the_built_in_protected_subjects():
+    # Finding 6: SUBJECT_DENY adds to the built-in list; emptying it removes nothing.
+    perms = config.load_config([], {"SUBJECT_DENY": ""}).policy.for_user()
+    assert perms.subscribe_refusal("$JS.>") is not None and perms.subscribe_refusal("_INBOX.>") is not None
 
 
 async def test_readyz_is_ready_and_healthz_is_ok(bridge):

@@ -13,10 +13,12 @@ import json
 import uuid
 from typing import Any
 
+import nats
 import pytest
-from conftest import TIMEOUT, publish
+from conftest import TIMEOUT, nats_synced, publish, unique
 
 from config import ConfigError, load_config
+from frames import BadFrame, publish_payload
 from permissions import DEFAULT_DENY, SubjectPolicy
 from subjects import pattern_within, patterns_overlap, subject_matches
 
@@ -284,6 +286,60 @@ def test_publish_policy_applies_deny_list_even_when_allowed():
     assert perms.publish_refusal("_INBOX.x") is not None
 
 
+# SUBJECT_DENY adds to the built-in protected subjects (security review, finding 6).
+# Threat: an operator sets SUBJECT_DENY='internal.>' to hide their own subjects;
+# had that replaced the built-in list, browsers could read every app's reply
+# inboxes and drive JetStream's API (delete streams).  Only a setting that says
+# it is dangerous, naming each built-in pattern, removes one.
+
+ATTACKED = {"SUBJECT_DENY": "internal.>", "PUBLISH_ALLOW": ">"}
+
+
+@pytest.mark.parametrize("pattern", DEFAULT_DENY)
+def test_subject_deny_adds_to_the_built_in_protected_subjects(pattern):
+    perms = load_config([], ATTACKED).policy.for_user()
+    assert perms.subscribe_refusal(pattern) is not None
+    assert perms.publish_refusal(pattern.replace(">", "x")) is not None
+
+
+def test_subject_deny_still_denies_what_it_names():
+    perms = load_config([], ATTACKED).policy.for_user()
+    assert perms.subscribe_refusal("internal.>") is not None
+    assert perms.publish_refusal("internal.x") is not None
+
+
+@pytest.mark.parametrize("pattern", DEFAULT_DENY)
+def test_dangerously_unprotect_subjects_opens_exactly_the_named_pattern(pattern):
+    env = {"DANGEROUSLY_UNPROTECT_SUBJECTS": pattern, "PUBLISH_ALLOW": ">"}
+    perms = load_config([], env).policy.for_user()
+    opened = {p for p in DEFAULT_DENY
+              if perms.subscribe_refusal(p) is None and perms.publish_refusal(p.replace(">", "x")) is None}
+    assert opened == {pattern}
+
+
+def test_dangerously_unprotect_subjects_never_opens_the_control_plane():
+    env = {"DANGEROUSLY_UNPROTECT_SUBJECTS": ",".join(DEFAULT_DENY), "PUBLISH_ALLOW": ">"}
+    perms = load_config([], env).policy.for_user()
+    assert perms.subscribe_refusal("bridge.control.>") is not None
+    assert perms.publish_refusal("bridge.control.users.disconnect") is not None
+
+
+def test_subject_deny_wins_over_dangerously_unprotect_subjects():
+    env = {"DANGEROUSLY_UNPROTECT_SUBJECTS": "$JS.>", "SUBJECT_DENY": "$JS.API.>", "PUBLISH_ALLOW": ">"}
+    perms = load_config([], env).policy.for_user()
+    assert perms.publish_refusal("$JS.API.STREAM.DELETE.X") is not None
+    assert perms.publish_refusal("$JS.ACK.x") is None
+
+
+@pytest.mark.parametrize("value", ["internal.>", "$JS.API.>", ">", "$js.>", "$JS.>,bridge.control.>"])
+def test_dangerously_unprotect_subjects_takes_only_built_in_patterns(value):
+    with pytest.raises(ConfigError) as error:
+        load_config([], {"DANGEROUSLY_UNPROTECT_SUBJECTS": value})
+    message = str(error.value)
+    assert "DANGEROUSLY_UNPROTECT_SUBJECTS" in message and "\n" not in message
+    assert "$SYS.>" in message  # says what it may name
+
+
 # ---------------------------------------------------------------------------
 # End to end through the bridge
 # ---------------------------------------------------------------------------
@@ -443,3 +499,113 @@ async def test_publish_payload_over_max_publish_bytes_is_refused(bridge_factory,
     frame = await client.request({"action": "publish", "subject": "chat.room", "data": "x" * 101})
     assert frame["success"] is False
     assert "too large" in frame["message"]
+
+
+async def test_subject_deny_setting_leaves_jetstream_and_inboxes_closed_to_a_browser(
+    js_server, bridge_factory, ws_factory
+):
+    # The attack of finding 6, end to end: SUBJECT_DENY='internal.>' PUBLISH_ALLOW='>'.
+    config = load_config([], ATTACKED)
+    bridge = await bridge_factory(nats_url=js_server.url, subject_deny=config.subject_deny,
+                                  publish_allow=config.publish_allow)
+    nc = await asyncio.wait_for(nats.connect(js_server.url), TIMEOUT)
+    try:
+        js = nc.jetstream()
+        name = f"VICTIM_{uuid.uuid4().hex[:8]}"
+        await asyncio.wait_for(js.add_stream(name=name, subjects=[f"{name.lower()}.>"]), TIMEOUT)
+        attacker = await ws_factory(bridge.ws_url)
+        for pattern in ("_INBOX.>", "$JS.>"):
+            frame = await attacker.request({"action": "subscribe", "subjects": [pattern]})
+            assert frame["success"] is False and "not allowed" in frame["message"], frame
+        frame = await attacker.request({"action": "publish", "subject": f"$JS.API.STREAM.DELETE.{name}",
+                                        "data": ""})
+        assert frame["success"] is False and "not allowed" in frame["message"], frame
+        await nats_synced(bridge)
+        info = await asyncio.wait_for(js.stream_info(name), TIMEOUT)
+        assert info.config.name == name
+    finally:
+        await asyncio.wait_for(nc.close(), TIMEOUT)
+
+
+async def test_dangerously_unprotect_subjects_lets_a_browser_follow_the_named_pattern(
+    nats_server, bridge_factory, ws_factory, nc
+):
+    bridge = await bridge_factory(nats_url=nats_server.url, dangerously_unprotect_subjects=("_INBOX.>",))
+    client = await ws_factory(bridge.ws_url)
+    tag = uuid.uuid4().hex[:8]
+    await client.subscribe(f"_INBOX.{tag}")
+    assert (await client.request({"action": "subscribe", "subjects": ["$JS.>"]}))["success"] is False
+    await nats_synced(bridge)
+    await publish(nc, f"_INBOX.{tag}", {"opened": True})
+    assert (await client.receive_message())["data"] == {"opened": True}
+
+
+async def test_dangerously_unprotect_subjects_is_logged_as_a_warning_at_start(nats_server, bridge_factory,
+                                                                             caplog):
+    caplog.set_level("WARNING")
+    await bridge_factory(nats_url=nats_server.url, dangerously_unprotect_subjects=("$JS.>", "_INBOX.>"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("DANGEROUSLY_UNPROTECT_SUBJECTS" in w and "$JS.>" in w and "_INBOX.>" in w
+               for w in warnings), warnings
+
+
+# Non-finite numbers (security review, finding 11).  Threat: a browser publishes
+# 1e999, NaN or Infinity and NATS subscribers get `Infinity`/`NaN`, which is not
+# JSON: their parsers fail (or, worse, some accept it), on a subject the bridge
+# was trusted to feed only JSON.  Each is refused and nothing reaches NATS.
+
+NON_FINITE = {
+    "1e999": ("1e999", "too large for JSON"),
+    "-1e999": ("-1e999", "too large for JSON"),
+    "NaN": ("NaN", "NaN is not a JSON value"),
+    "Infinity": ("Infinity", "Infinity is not a JSON value"),
+    "-Infinity": ("-Infinity", "-Infinity is not a JSON value"),
+    "in-an-array": ("[1, 2, 1e999]", "too large for JSON"),
+    "nan-in-an-object": ('{"a": {"b": [NaN]}}', "NaN is not a JSON value"),
+    "in-an-object": ('{"t": -1e999}', "too large for JSON"),
+}
+
+
+@pytest.fixture
+async def publishing(bridge_factory, nats_server, ws_factory, nc) -> Any:
+    """A bridge that lets browsers publish under ``pub.``, a browser, and NATS listening there."""
+    bridge = await bridge_factory(nats_url=nats_server.url, publish_allow=("pub.>",))
+    subject = unique("pub")
+    sub = await nc.subscribe(subject)
+    await asyncio.wait_for(nc.flush(), TIMEOUT)
+    return {"client": await ws_factory(bridge.ws_url), "subject": subject, "sub": sub}
+
+
+@pytest.mark.parametrize("case", NON_FINITE)
+async def test_publish_of_a_non_finite_number_is_refused_and_nothing_reaches_nats(publishing, case):
+    data, words = NON_FINITE[case]
+    client, subject, sub = publishing["client"], publishing["subject"], publishing["sub"]
+    frame = await client.request(f'{{"action": "publish", "subject": "{subject}", "data": {data}}}')
+    assert frame["success"] is False and words in frame["message"], frame
+    # A good publish after it is the first thing NATS delivers: the refused one never went out.
+    assert (await client.request({"action": "publish", "subject": subject, "data": "next"}))["success"]
+    assert (await sub.next_msg(TIMEOUT)).data == b"next"
+
+
+async def test_publish_of_a_big_finite_integer_reaches_nats_exactly(publishing):
+    client, subject, sub = publishing["client"], publishing["subject"], publishing["sub"]
+    big = "123456789012345678901234567890123456789"
+    frame = await client.request(f'{{"action": "publish", "subject": "{subject}", "data": {big}}}')
+    assert frame["success"] is True, frame
+    assert (await sub.next_msg(TIMEOUT)).data == big.encode()
+
+
+async def test_publish_of_the_largest_finite_double_reaches_nats(publishing):
+    client, subject, sub = publishing["client"], publishing["subject"], publishing["sub"]
+    largest = "1.7976931348623157e308"
+    frame = await client.request(f'{{"action": "publish", "subject": "{subject}", "data": [{largest}]}}')
+    assert frame["success"] is True, frame
+    assert json.loads((await sub.next_msg(TIMEOUT)).data) == [float(largest)]
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), [1, {"x": float("inf")}]])
+def test_publish_payload_refuses_non_finite_numbers_however_they_arrive(value):
+    # The HTTP and NATS control paths parse with parse_object too; this guards any other caller.
+    with pytest.raises(BadFrame) as refused:
+        publish_payload({"data": value})
+    assert refused.value.kind == "publish" and "too large for JSON" in refused.value.message

@@ -70,6 +70,9 @@ BAD_SETTINGS = {
     "negative-interval": ((), {"TEST_PUBLISH_INTERVAL": "-1"}, "TEST_PUBLISH_INTERVAL"),
     "timeout-not-a-number": ((), {"NATS_CONNECT_TIMEOUT": "soon"}, "NATS_CONNECT_TIMEOUT"),
     "flag-port-not-a-number": (("--http-port", "abc"), {}, "http-port"),
+    # Only the built-in protected patterns, each spelled exactly, can be unprotected.
+    "unprotect-not-a-built-in": ((), {"DANGEROUSLY_UNPROTECT_SUBJECTS": "internal.>"},
+                                 "DANGEROUSLY_UNPROTECT_SUBJECTS"),
 }
 
 
