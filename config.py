@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from logs import redact
 from permissions import DEFAULT_CONTROL_SUBJECT, DEFAULT_DENY, SUB_TEMPLATE, SubjectPolicy, template_error
 from subjects import subject_error
 
@@ -491,7 +492,8 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
         try:
             values[f.name] = f.metadata["parse"](raw)
         except ValueError as exc:
-            shown_raw = "(hidden)" if f.metadata["secret"] else repr(raw)
+            # NATS_URL and JWT_JWKS may carry a password: a bad value is shown without it.
+            shown_raw = "(hidden)" if f.metadata["secret"] else repr(redact(raw))
             raise ConfigError(f"{source}={shown_raw}: {exc}") from None
     config = Config(**values)
     check_together(config)

@@ -36,7 +36,7 @@ from frames import CLOSE_GOING_AWAY
 from handler import WSSManager
 from jetstream import HEARTBEAT, JetStreamError
 from keys import KeyStore
-from logs import configure_logging
+from logs import AccessLog, configure_logging, redact
 from workers import Worker
 
 logger = logging.getLogger("bridge")
@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(argv)
     except ConfigError as exc:
-        print(f"main.py: error: {exc}", file=sys.stderr)
+        print(f"main.py: error: {redact(str(exc))}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, config.log_format)
     try:
@@ -171,9 +171,13 @@ def serve(config: Config, sock: socket.socket, worker: Worker = workers.LONE,
             sock=sock,
             print=lambda text: logger.info("%s", text.splitlines()[0].strip("= ")),
             shutdown_timeout=2,
+            # Tokens in URLs (?token=, Referer) are logged redacted (logs.AccessLog); the
+            # tests' runner (tests/conftest.py) serves the app with it too.
+            access_log_class=AccessLog,
         )
     except StartupError as exc:
-        print(f"main.py: error: {exc}", file=sys.stderr)
+        # The message may name a URL given with its password (NATS_URL, JWT_JWKS).
+        print(f"main.py: error: {redact(str(exc))}", file=sys.stderr)
         return 1
     logger.info("stopped")
     return 0

@@ -232,7 +232,8 @@ async def running_bridge(**overrides: Any) -> AsyncIterator[Bridge]:
     overrides.setdefault("service_name", f"bridge_test_{os.getpid()}_{time.monotonic_ns()}")
     config = main.Config(**overrides)
     app = main.create_app(config)
-    runner = web.AppRunner(app.http_server.web_app, shutdown_timeout=5)
+    # Served as main.serve serves it: the access log redacts tokens in URLs.
+    runner = web.AppRunner(app.http_server.web_app, shutdown_timeout=5, access_log_class=main.AccessLog)
     await asyncio.wait_for(runner.setup(), TIMEOUT + config.nats_connect_timeout)
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
