@@ -23,6 +23,7 @@ from panini import app as panini_app
 
 import control
 import feed
+import headers
 import metrics
 import nats_link
 import panini_workarounds
@@ -49,6 +50,7 @@ def create_app(config: Config, worker: Worker = workers.LONE) -> panini_app.App:
     """Build the Panini app; ``app.http_server.web_app`` is the aiohttp app to serve."""
     app = panini_workarounds.make_app(config.service_name, config.nats_servers, config.nats_reconnect_wait)
     web_app = web.Application(client_max_size=config.max_frame_bytes)
+    web_app.on_response_prepare.append(headers.add_security_headers)
     app.setup_web_server(host=config.http_host, port=config.http_port, web_app=web_app)
     keys = KeyStore(config)
     nats = partial(panini_workarounds.nats_client, app)
