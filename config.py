@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -197,6 +198,18 @@ def _stream_spec(text: str) -> str:
     return text
 
 
+_HOST_PATTERN = re.compile(r"\*|[a-z0-9_*-]+(\.[a-z0-9_*-]+)*")
+
+
+def _hosts(text: str) -> tuple[str, ...]:
+    hosts = tuple(host.lower().rstrip(".") for host in _list(text))
+    for host in hosts:
+        if not _HOST_PATTERN.fullmatch(host):
+            raise ValueError(f"expected host names, comma-separated, like bridge.example.com,*.example.com "
+                             f"(no scheme, port or path); {host!r} is not one")
+    return hosts
+
+
 def _nats_urls(text: str) -> str:
     urls = _list(text)
     expected = "expected NATS server URLs, comma-separated, like nats://127.0.0.1:4222"
@@ -271,6 +284,14 @@ class Config:
         "extra browser Origins allowed, comma-separated, wildcards "
         "like https://*.example.com; '*' allows any. Same-origin "
         "and Origin-less clients are always allowed",
+    )
+    allowed_hosts: tuple[str, ...] = opt(
+        (),
+        "ALLOWED_HOSTS",
+        _hosts,
+        "host names the bridge answers to without AUTH_TOKENS or JWT, comma-separated, wildcards like "
+        "*.example.com; '*' allows any. IP addresses and localhost always work; other Host headers get "
+        "421 (stops DNS rebinding). With AUTH_TOKENS or JWT any Host is served",
     )
     auth_tokens: tuple[str, ...] = opt(
         (),

@@ -21,6 +21,7 @@ from functools import partial
 from aiohttp import web
 from panini import app as panini_app
 
+import access
 import control
 import feed
 import headers
@@ -49,7 +50,8 @@ mimetypes.add_type("text/javascript", ".js")
 def create_app(config: Config, worker: Worker = workers.LONE) -> panini_app.App:
     """Build the Panini app; ``app.http_server.web_app`` is the aiohttp app to serve."""
     app = panini_workarounds.make_app(config.service_name, config.nats_servers, config.nats_reconnect_wait)
-    web_app = web.Application(client_max_size=config.max_frame_bytes)
+    # check_host first: a rebound Host is refused before any route is looked at (access.py).
+    web_app = web.Application(client_max_size=config.max_frame_bytes, middlewares=[access.check_host])
     web_app.on_response_prepare.append(headers.add_security_headers)
     app.setup_web_server(host=config.http_host, port=config.http_port, web_app=web_app)
     keys = KeyStore(config)
