@@ -1,5 +1,6 @@
 """Who may connect and who may use the control API, decided before the request goes further.
 
+- Every route, without user authentication: the Host header (``check_host``).
 - /stream: the browser's Origin; then, with JWT on, a verified token (the
   connection's user) or, with ``AUTH_TOKENS``, one of those static tokens.
 - The control API: a backend credential (``CONTROL_TOKENS``) once any user
@@ -12,10 +13,11 @@ reason for /metrics.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -56,6 +58,89 @@ def origin_allowed(origin: str | None, host: str | None, allowed: Sequence[str])
         )
     except ValueError:  # a Host header with a bad port
         return False
+
+
+# What a browser sends as a name: labels of letters, digits, - and _ (IDNs come as xn--).
+_HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
+
+
+def _host_name(host: str) -> str | None:
+    """The name or address in a Host header, without its port; None if it is malformed."""
+    host = host.strip().lower()
+    if host.startswith("["):  # [v6]:port
+        name, bracket, rest = host[1:].partition("]")
+        if not bracket or (rest and not (rest[:1] == ":" and rest[1:].isdigit())):
+            return None
+        return name
+    if host.count(":") > 1:  # a bare IPv6 address: not valid in Host, but unambiguous
+        return host
+    name, colon, port = host.partition(":")
+    if colon and not port.isdigit():
+        return None
+    name = name.rstrip(".")
+    return name if _HOST_NAME.fullmatch(name) else None
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _host_pattern(pattern: str) -> re.Pattern[str]:
+    # '*' stands for one or more name characters (dots included: *.example.com covers a.b.example.com).
+    return re.compile("[a-z0-9_.-]+".join(re.escape(p) for p in pattern.split("*")))
+
+
+def host_allowed(host: str | None, allowed: Sequence[str]) -> bool:
+    """May a request with this Host header be served while no user authentication is on?
+
+    Stops DNS rebinding: a page on attacker.example re-points its own name at
+    the bridge's address, and the visitor's browser, reaching the bridge on the
+    visitor's network, counts it as the attacker's origin: Origin and Host both
+    say attacker.example, so the Origin check passes, and the page reads the
+    feed and drives the open control API.  The browser still sends the
+    attacker's name as Host, so names are refused unless ``ALLOWED_HOSTS``
+    lists them.  Always served: IP addresses (a page's origin cannot be our
+    address unless it is served by us) and localhost and ``*.localhost``
+    (browsers resolve them to loopback themselves, never through DNS).  A
+    request without Host is not from a browser (browsers always send it).
+    """
+    if host is None:
+        return True
+    name = _host_name(host)
+    if name is None:
+        return False
+    if _is_ip(name) or name == "localhost" or name.endswith(".localhost"):
+        return True
+    return "*" in allowed or any(_host_pattern(p).fullmatch(name) for p in allowed)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def check_host(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every route, without AUTH_TOKENS or JWT: a Host that may be a rebound name gets 421.
+
+    421 Misdirected Request: this server does not answer for that name, which
+    no credential changes (401/403 would suggest one).  With user
+    authentication on, a rebinding page gains nothing: the visitor's token is
+    not the attacker's to send (the browser keeps cookies per name, and pages
+    on other origins cannot read it), so any Host is served.  Probes
+    (/healthz, /readyz) are checked too: they come by IP address or localhost.
+    """
+    config = request.app[CONFIG]
+    if config.auth_tokens or config.jwt_enabled:
+        return await handler(request)
+    host = request.headers.get("Host")
+    if host_allowed(host, config.allowed_hosts):
+        return await handler(request)
+    name = (_host_name(host or "") or host or "")[:100]
+    return refuse(request, request.app[LINK].refusals, "host", 421,
+                  f"Host {name} is not allowed: add it to ALLOWED_HOSTS")
 
 
 def _bearer(request: web.Request) -> str | None:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from logs import redact
 from permissions import DEFAULT_CONTROL_SUBJECT, DEFAULT_DENY, SUB_TEMPLATE, SubjectPolicy, template_error
 from subjects import subject_error
 
@@ -210,6 +212,18 @@ def _stream_spec(text: str) -> str:
     return text
 
 
+_HOST_PATTERN = re.compile(r"\*|[a-z0-9_*-]+(\.[a-z0-9_*-]+)*")
+
+
+def _hosts(text: str) -> tuple[str, ...]:
+    hosts = tuple(host.lower().rstrip(".") for host in _list(text))
+    for host in hosts:
+        if not _HOST_PATTERN.fullmatch(host):
+            raise ValueError(f"expected host names, comma-separated, like bridge.example.com,*.example.com "
+                             f"(no scheme, port or path); {host!r} is not one")
+    return hosts
+
+
 def _nats_urls(text: str) -> str:
     urls = _list(text)
     expected = "expected NATS server URLs, comma-separated, like nats://127.0.0.1:4222"
@@ -284,6 +298,14 @@ class Config:
         "extra browser Origins allowed, comma-separated, wildcards "
         "like https://*.example.com; '*' allows any. Same-origin "
         "and Origin-less clients are always allowed",
+    )
+    allowed_hosts: tuple[str, ...] = opt(
+        (),
+        "ALLOWED_HOSTS",
+        _hosts,
+        "host names the bridge answers to without AUTH_TOKENS or JWT, comma-separated, wildcards like "
+        "*.example.com; '*' allows any. IP addresses and localhost always work; other Host headers get "
+        "421 (stops DNS rebinding). With AUTH_TOKENS or JWT any Host is served",
     )
     auth_tokens: tuple[str, ...] = opt(
         (),
@@ -536,7 +558,8 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
         try:
             values[f.name] = f.metadata["parse"](raw)
         except ValueError as exc:
-            shown_raw = "(hidden)" if f.metadata["secret"] else repr(raw)
+            # NATS_URL and JWT_JWKS may carry a password: a bad value is shown without it.
+            shown_raw = "(hidden)" if f.metadata["secret"] else repr(redact(raw))
             raise ConfigError(f"{source}={shown_raw}: {exc}") from None
     config = Config(**values)
     check_together(config)

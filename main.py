@@ -21,8 +21,10 @@ from functools import partial
 from aiohttp import web
 from panini import app as panini_app
 
+import access
 import control
 import feed
+import headers
 import metrics
 import nats_link
 import panini_workarounds
@@ -36,7 +38,7 @@ from frames import CLOSE_GOING_AWAY
 from handler import WSSManager
 from jetstream import HEARTBEAT, JetStreamError
 from keys import KeyStore
-from logs import configure_logging
+from logs import AccessLog, configure_logging, redact
 from workers import Worker
 
 logger = logging.getLogger("bridge")
@@ -53,7 +55,9 @@ def create_app(config: Config, worker: Worker = workers.LONE) -> panini_app.App:
                        "(within SUBJECT_ALLOW and PUBLISH_ALLOW)",
                        ", ".join(config.dangerously_unprotect_subjects))
     app = panini_workarounds.make_app(config.service_name, config.nats_servers, config.nats_reconnect_wait)
-    web_app = web.Application(client_max_size=config.max_frame_bytes)
+    # check_host first: a rebound Host is refused before any route is looked at (access.py).
+    web_app = web.Application(client_max_size=config.max_frame_bytes, middlewares=[access.check_host])
+    web_app.on_response_prepare.append(headers.add_security_headers)
     app.setup_web_server(host=config.http_host, port=config.http_port, web_app=web_app)
     keys = KeyStore(config)
     nats = partial(panini_workarounds.nats_client, app)
@@ -134,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(argv)
     except ConfigError as exc:
-        print(f"main.py: error: {exc}", file=sys.stderr)
+        print(f"main.py: error: {redact(str(exc))}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, config.log_format)
     try:
@@ -176,9 +180,13 @@ def serve(config: Config, sock: socket.socket, worker: Worker = workers.LONE,
             sock=sock,
             print=lambda text: logger.info("%s", text.splitlines()[0].strip("= ")),
             shutdown_timeout=2,
+            # Tokens in URLs (?token=, Referer) are logged redacted (logs.AccessLog); the
+            # tests' runner (tests/conftest.py) serves the app with it too.
+            access_log_class=AccessLog,
         )
     except StartupError as exc:
-        print(f"main.py: error: {exc}", file=sys.stderr)
+        # The message may name a URL given with its password (NATS_URL, JWT_JWKS).
+        print(f"main.py: error: {redact(str(exc))}", file=sys.stderr)
         return 1
     logger.info("stopped")
     return 0

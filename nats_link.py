@@ -21,6 +21,7 @@ from nats.errors import Error as NatsError
 import panini_workarounds
 from app_state import CONFIG, LINK, MANAGER, PANINI
 from config import StartupError
+from logs import redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +38,16 @@ async def nats_link(web_app: web.Application) -> AsyncIterator[None]:
     connected = False
     attempts = 0
     nc: NATS | None = None
+    # NATS_URL may carry a user's password or a token (nats://user:pass@host,
+    # nats://token@host): every line and error below names the servers without it.
+    servers = redact_url(config.nats_url)
 
     async def error_cb(exc: Exception) -> None:
         nonlocal attempts
         if not connected:
             attempts += 1
             logger.warning("NATS at %s not reachable (attempt %d): %s",
-                           config.nats_url, attempts, exc or type(exc).__name__)
+                           servers, attempts, exc or type(exc).__name__)
         else:
             logger.warning("NATS error: %r", exc)
 
@@ -56,8 +60,7 @@ async def nats_link(web_app: web.Application) -> AsyncIterator[None]:
 
     async def reconnected_cb() -> None:
         link.nats_reconnects += 1
-        url = nc.connected_url.netloc if nc is not None and nc.connected_url else "?"
-        logger.info("NATS connection restored (%s)", url)
+        logger.info("NATS connection restored (%s)", _server(nc))
         manager.broadcast({"success": True, "type": "status", "nats": "connected",
                            "message": "NATS connection restored"})
 
@@ -68,14 +71,21 @@ async def nats_link(web_app: web.Application) -> AsyncIterator[None]:
         )
     except TimeoutError:
         raise StartupError(
-            f"cannot reach NATS at {config.nats_url} after {config.nats_connect_timeout:g} s "
+            f"cannot reach NATS at {servers} after {config.nats_connect_timeout:g} s "
             f"({attempts} attempts); is nats-server running? (set NATS_URL / --nats-url)"
         ) from None
     connected = True
-    logger.info("connected to NATS at %s as %s", nc.connected_url.netloc, app.client_nats_name)
+    logger.info("connected to NATS at %s as %s", _server(nc), app.client_nats_name)
     yield
     # Runs after on_shutdown has closed every WebSocket.
     await let_go(nc)
+
+
+def _server(nc: NATS | None) -> str:
+    """The server ``nc`` is connected to, as its URL without credentials."""
+    if nc is None or nc.connected_url is None:
+        return "?"
+    return redact_url(nc.connected_url.geturl())
 
 
 async def let_go(nc: NATS) -> None:

@@ -84,8 +84,16 @@ function setStatus(node, ok, text) {
   node.dataset.tone = ok ? "ok" : "error";
 }
 
-// A token given in the page's own address (/?token=…) goes on to the socket.
+// A token given in the page's own address (/?token=…) goes on to the socket, and is then
+// kept in memory only: the address loses it at once, so it does not linger in the
+// history, in a bookmark, on the screen, or go out as a Referer (the bridge also sends
+// Referrer-Policy: no-referrer).  Reconnects use the one in memory; a reload needs it again.
 const TOKEN = new URLSearchParams(window.location.search).get("token") || "";
+if (TOKEN) {
+  const address = new URL(window.location.href);
+  address.searchParams.delete("token");
+  window.history.replaceState(window.history.state, "", address);
+}
 
 // The socket lives next to the page: same scheme (ws/wss), host, port and path prefix.
 // The socket itself lives in a worker (worker-socket.js): bursts never block this thread.

@@ -236,7 +236,8 @@ async def running_bridge(on_response_prepare: Any = None, **overrides: Any) -> A
     app = main.create_app(config)
     if on_response_prepare is not None:
         app.http_server.web_app.on_response_prepare.append(on_response_prepare)
-    runner = web.AppRunner(app.http_server.web_app, shutdown_timeout=5)
+    # Served as main.serve serves it: the access log redacts tokens in URLs.
+    runner = web.AppRunner(app.http_server.web_app, shutdown_timeout=5, access_log_class=main.AccessLog)
     await asyncio.wait_for(runner.setup(), TIMEOUT + config.nats_connect_timeout)
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
