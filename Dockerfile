@@ -1,5 +1,8 @@
 # The NATS ⇄ WebSocket bridge.  Build: docker build -t nats-ws-bridge .
-# Run:   docker run -p 5001:5001 -e NATS_URL=nats://host.docker.internal:4222 nats-ws-bridge
+# Run:   docker run -p 127.0.0.1:5001:5001 --memory 256m -e CONTROL_TOKENS="$(openssl rand -hex 32)"
+#            -e NATS_URL=nats://host.docker.internal:4222 nats-ws-bridge    (one line)
+# (Loopback only until AUTH_TOKENS or JWT is set: without them anyone who reaches the
+# port may subscribe; without CONTROL_TOKENS, anyone may use the control API.)
 # Every setting is an env var (see README.md); docker-compose.yml wires a NATS server too.
 
 # --- build: the runtime dependencies, in a virtualenv ------------------------

@@ -21,6 +21,9 @@ the host has.  With ``WORKERS`` > 1, ``python main.py`` becomes this supervisor:
   have.  Workers run in their own process group (a terminal's Ctrl-C reaches
   only the supervisor, which stops them once) and die with the supervisor
   even if it is killed (``PR_SET_PDEATHSIG``), so none is left holding the port.
+- A supervisor that is killed leaves its run directory behind; the next one to
+  start on the host removes such directories (``remove_stale_rundirs``), never
+  one whose supervisor or workers still run.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
+import fcntl
 import logging
 import multiprocessing as mp
 import os
@@ -36,7 +41,7 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
@@ -150,11 +155,111 @@ class _Slot:
 
 def supervise(sockets: list[socket.socket], serve: Serve) -> int:
     """Run one worker per socket until SIGTERM/SIGINT; the exit code."""
-    rundir = tempfile.mkdtemp(prefix="bridge-workers-")
+    remove_stale_rundirs(tempfile.gettempdir())
+    rundir = tempfile.mkdtemp(prefix=RUNDIR_PREFIX)
     try:
-        return _Supervisor(sockets, serve, rundir).run()
+        with _claim(rundir):
+            return _Supervisor(sockets, serve, rundir).run()
     finally:
         shutil.rmtree(rundir, ignore_errors=True)
+
+
+# -- run directories left by killed supervisors --------------------------------------
+#
+# A supervisor that is SIGKILLed (the OOM killer, `docker kill`, a node drain
+# that runs out of patience) never reaches its ``finally``: its run directory
+# stays in /tmp, one more for every such death, and in a container whose /tmp
+# survives restarts they pile up.  The next supervisor removes them, and must
+# never remove one still in use: a live supervisor's workers find each other
+# through it, and without it /readyz turns 503 and /metrics counts one worker.
+#
+# Who is alive is told by a lock, not by a pid: each supervisor holds an
+# exclusive flock on its directory's ``pid`` file for as long as it (or a worker
+# it forked, which inherits the open file) runs, and the kernel drops the lock
+# when the last of them dies, SIGKILL included.  A pid check would keep a dead
+# supervisor's directory forever once its pid is reused, and would remove a
+# live one's when /tmp is shared by containers with their own pid namespaces.
+# The file also says the pid, for people.
+
+RUNDIR_PREFIX = "bridge-workers-"
+PID_FILE = "pid"
+
+
+@contextlib.contextmanager
+def _claim(rundir: str) -> Iterator[None]:
+    """Hold the lock that says ``rundir`` is in use, until the supervisor is done with it.
+
+    The file is locked before it gets its name: a supervisor starting at the same
+    moment sees either no ``pid`` (and leaves the directory alone) or a locked one,
+    never an unlocked one it could take for a dead supervisor's.
+    """
+    partial = os.path.join(rundir, PID_FILE + ".new")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.rename(partial, os.path.join(rundir, PID_FILE))
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_stale_rundirs(tmpdir: str) -> None:
+    """Remove the run directories in ``tmpdir`` whose supervisor and workers are all gone.
+
+    Only ours: named ``bridge-workers-*``, a real directory (a symlink is never
+    followed: someone else's directory could be behind it), owned by this uid, and
+    holding a ``pid`` file nobody has locked.  One without a ``pid`` file (a
+    supervisor that is just starting, or one older than the lock) is left alone.
+    Cleaning up never stops a start: a directory that cannot be checked is kept.
+    """
+    try:
+        entries = [e.name for e in os.scandir(tmpdir) if e.name.startswith(RUNDIR_PREFIX)]
+    except OSError as exc:
+        logger.warning("cannot look for stale worker directories in %s: %s", tmpdir, exc)
+        return
+    for name in entries:
+        try:
+            _remove_if_stale(tmpdir, name)
+        except OSError as exc:
+            logger.warning("cannot check or remove %s: %s", os.path.join(tmpdir, name), exc)
+
+
+def _remove_if_stale(tmpdir: str, name: str) -> None:
+    top = os.open(tmpdir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            # O_NOFOLLOW: a symlink fails here (ELOOP/ENOTDIR) instead of being followed.
+            rundir = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=top)
+        except (NotADirectoryError, FileNotFoundError):
+            return  # not a directory, or gone already (another supervisor removed it)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return  # a symlink
+            raise
+        try:
+            if os.fstat(rundir).st_uid != os.getuid():
+                return  # another user's: not ours to judge
+            try:
+                pidfile = os.open(PID_FILE, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=rundir)
+            except FileNotFoundError:
+                return  # starting, or not one of ours: in doubt, keep it
+            try:
+                try:
+                    fcntl.flock(pidfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return  # a live supervisor (or its workers) holds it
+                pid = os.read(pidfile, 32).decode(errors="replace").strip()
+                # Removed while we hold the lock: a supervisor cleaning up at the same
+                # moment fails to lock it, or finds it gone.
+                shutil.rmtree(name, dir_fd=top)
+                logger.info("removed %s, left by supervisor %s that is gone", os.path.join(tmpdir, name), pid)
+            finally:
+                os.close(pidfile)
+        finally:
+            os.close(rundir)
+    finally:
+        os.close(top)
 
 
 class _Supervisor:

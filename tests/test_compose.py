@@ -162,11 +162,32 @@ def service(name: str, file: Path = COMPOSE_FILE) -> dict[str, Any]:
     return services[name]
 
 
-def compose_environment(name: str, file: Path = COMPOSE_FILE) -> dict[str, str]:
+# ${VAR}, ${VAR:-default}, ${VAR-default} and $$, as compose interpolates them.
+INTERPOLATION = re.compile(r"\$\$|\$\{(\w+)(?:(:?-)([^}]*))?\}")
+
+
+def interpolate(value: str, variables: dict[str, str]) -> str:
+    """``value`` as compose passes it on, with ``variables`` as the shell's (and .env's)."""
+    def one(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, how, default = match.groups()
+        if how == ":-" and not variables.get(name):
+            return default
+        if how == "-" and name not in variables:
+            return default
+        return variables.get(name, "")
+    return INTERPOLATION.sub(one, value)
+
+
+def compose_environment(
+    name: str, file: Path = COMPOSE_FILE, variables: dict[str, str] | None = None
+) -> dict[str, str]:
+    """A service's environment as its container gets it: by default, nothing set in the shell."""
     env = service(name, file).get("environment") or {}
     if isinstance(env, list):
         env = dict(item.split("=", 1) for item in env)
-    return {key: str(value) for key, value in env.items()}
+    return {key: interpolate(str(value), variables or {}) for key, value in env.items()}
 
 
 def compose_healthcheck(name: str, file: Path = COMPOSE_FILE) -> list[str]:
@@ -177,9 +198,26 @@ def compose_healthcheck(name: str, file: Path = COMPOSE_FILE) -> list[str]:
     return list(test)
 
 
-def container_env(name: str = "bridge", file: Path = COMPOSE_FILE) -> dict[str, str]:
+def container_env(
+    name: str = "bridge", file: Path = COMPOSE_FILE, variables: dict[str, str] | None = None
+) -> dict[str, str]:
     """A bridge container's environment: the image's ENV, then compose's."""
-    return {**dockerfile_env(), **compose_environment(name, file)}
+    return {**dockerfile_env(), **compose_environment(name, file, variables)}
+
+
+def host_ip(entry: Any) -> str | None:
+    """The host address a `ports` entry binds: None when it names none (every interface)."""
+    if isinstance(entry, dict):
+        return entry.get("host_ip")
+    parts = str(entry).split("/")[0].rsplit(":", 2)
+    return parts[0] if len(parts) == 3 else None
+
+
+def mem_limit_bytes(svc: dict[str, Any]) -> int:
+    """A service's `mem_limit` in bytes (0: none): what `docker compose up` enforces without swarm."""
+    limit = str(svc.get("mem_limit", "0")).lower()
+    number, unit = re.fullmatch(r"(\d+)([bkmg]?)b?", limit).groups()  # type: ignore[union-attr]
+    return int(number) * 1024 ** "bkmg".index(unit or "b")
 
 
 def app_port(name: str = "bridge", file: Path = COMPOSE_FILE) -> int:
@@ -438,6 +476,44 @@ def test_compose_services_restart_unless_stopped() -> None:
         assert service(name).get("restart") == "unless-stopped", name
 
 
+# What a demo must not do to the machine it runs on: open NATS (no users, the control
+# plane included) and an unauthenticated page to the network, leave the control API open,
+# or let one service take all the memory.
+
+DEMO_FILES = [COMPOSE_FILE, CLUSTER_FILE]
+
+
+def demo_bridges(file: Path) -> list[str]:
+    return [name for name, svc in compose(file)["services"].items() if "build" in svc]
+
+
+@pytest.mark.parametrize("file", DEMO_FILES, ids=lambda f: f.name)
+def test_demo_publishes_every_port_on_loopback_only(file: Path) -> None:
+    for name, svc in compose(file)["services"].items():
+        for entry in svc.get("ports") or []:
+            assert host_ip(entry) == "127.0.0.1", f"{file.name}: {name} publishes {entry} on every interface"
+
+
+@pytest.mark.parametrize("file", DEMO_FILES, ids=lambda f: f.name)
+def test_demo_sets_a_memory_limit_on_every_service(file: Path) -> None:
+    for name, svc in compose(file)["services"].items():
+        assert mem_limit_bytes(svc) >= 32 * 1024**2, f"{file.name}: {name} has no (usable) mem_limit"
+
+
+@pytest.mark.parametrize("file", DEMO_FILES, ids=lambda f: f.name)
+def test_demo_bridges_need_a_control_token_that_says_change_me_by_default(file: Path) -> None:
+    for name in demo_bridges(file):
+        tokens = main.load_config([], container_env(name, file)).control_tokens
+        assert tokens and all("change-me" in t for t in tokens), (name, tokens)
+
+
+@pytest.mark.parametrize("file", DEMO_FILES, ids=lambda f: f.name)
+def test_demo_control_token_is_taken_from_the_shell_when_set(file: Path) -> None:
+    for name in demo_bridges(file):
+        config = main.load_config([], container_env(name, file, {"CONTROL_TOKENS": "mine"}))
+        assert config.control_tokens == ("mine",), name
+
+
 # ---------------------------------------------------------------------------
 # The container's command and environment, run for real
 # ---------------------------------------------------------------------------
@@ -536,6 +612,24 @@ def container_bridge(
     bridge = start_like_the_container(nats_server, tmp_path_factory.mktemp("container"))
     yield bridge
     bridge.stop(signal.SIGTERM, timeout=20)
+
+
+def demo_control_token(name: str = "bridge", file: Path = COMPOSE_FILE) -> str:
+    return main.load_config([], container_env(name, file)).control_tokens[0]
+
+
+def test_control_api_of_the_bridge_run_like_the_container_refuses_a_call_without_the_token(
+    container_bridge: BridgeProcess,
+) -> None:
+    assert post_json(f"{container_bridge.http_url}/clients/nobody", {"subjects": ["demo.x"]}) == 401
+
+
+def test_control_api_of_the_bridge_run_like_the_container_answers_with_the_demo_token(
+    container_bridge: BridgeProcess,
+) -> None:
+    status = post_json(f"{container_bridge.http_url}/clients/nobody", {"subjects": ["demo.x"]},
+                       token=demo_control_token())
+    assert status == 404  # let in; there is no such connection
 
 
 def run_healthcheck(command: list[str], port: int) -> subprocess.CompletedProcess[str]:
@@ -793,12 +887,13 @@ async def test_cluster_replicas_run_like_their_containers_share_the_control_plan
     cluster: list[NatsServer], tmp_path: Path, ws_factory: Any
 ) -> None:
     first, second = (start_cluster_replica(name, cluster, tmp_path) for name in cluster_bridges()[:2])
+    token = demo_control_token(cluster_bridges()[1], CLUSTER_FILE)
     try:
         client = await ws_factory(first.http_url.replace("http", "ws", 1) + "/stream")
         status = 0
         for _ in range(50):  # until the second replica has heard the first one announce itself
             status = (await asyncio.to_thread(post_json, f"{second.http_url}/clients/{client.connection_id}",
-                                              {"subjects": [main.TEST_SUBJECT]}))
+                                              {"subjects": [main.TEST_SUBJECT]}, token))
             if status == 200:
                 break
             await asyncio.sleep(0.2)
@@ -810,8 +905,9 @@ async def test_cluster_replicas_run_like_their_containers_share_the_control_plan
             bridge.stop(signal.SIGTERM, timeout=20)
 
 
-def post_json(url: str, body: Any) -> int:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+def post_json(url: str, body: Any, token: str | None = None) -> int:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=10) as resp:
             return resp.status

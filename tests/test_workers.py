@@ -330,3 +330,87 @@ def test_bad_workers_setting_is_a_config_error(value):
 async def test_a_single_process_is_worker_1(bridge, ws_factory):
     client = await ws_factory(bridge.ws_url)
     assert client.welcome["worker"] == 1
+
+
+# ---------------------------------------------------------------------------
+# Run directories left by a killed supervisor
+# ---------------------------------------------------------------------------
+
+
+def rundirs(tmpdir: Path) -> set[Path]:
+    return set(tmpdir.glob(workers.RUNDIR_PREFIX + "*"))
+
+
+def rundir_of(bp: BridgeProcess, tmpdir: Path) -> Path:
+    """The run directory of ``bp``'s supervisor, by the pid it wrote there."""
+    (found,) = [d for d in rundirs(tmpdir) if (d / workers.PID_FILE).read_text().strip() == str(bp.proc.pid)]
+    return found
+
+
+async def test_a_killed_supervisors_run_directory_is_removed_by_the_next_supervisor(nats_server, tmp_path):
+    killed = await asyncio.to_thread(start, nats_server, TMPDIR=str(tmp_path))
+    left = rundir_of(killed, tmp_path)
+    pids = worker_pids(killed)
+    await asyncio.to_thread(killed.stop, signal.SIGKILL, 20)
+    await eventually(lambda: exited(pids), timeout=COMES_BACK_WITHIN)  # PR_SET_PDEATHSIG
+    assert left.is_dir(), "SIGKILL skips the supervisor's own clean-up: the directory stays"
+    nxt = await asyncio.to_thread(start, nats_server, TMPDIR=str(tmp_path))
+    try:
+        assert rundirs(tmp_path) == {rundir_of(nxt, tmp_path)}
+    finally:
+        nxt.stop(signal.SIGTERM, timeout=20)
+
+
+async def test_a_live_supervisors_run_directory_is_kept_by_the_next_supervisor(nats_server, tmp_path):
+    live = await asyncio.to_thread(start, nats_server, TMPDIR=str(tmp_path))
+    try:
+        kept = rundir_of(live, tmp_path)
+        nxt = await asyncio.to_thread(start, nats_server, TMPDIR=str(tmp_path))
+        nxt.stop(signal.SIGTERM, timeout=20)
+        assert kept.is_dir()
+        # Its workers still find each other there: every one of them counts as ready.
+        status, body = await asyncio.to_thread(http_get, live.http_url + "/readyz")
+        assert (status, json.loads(body)["workers"]) == (200, {"count": 2, "ready": 2})
+    finally:
+        live.stop(signal.SIGTERM, timeout=20)
+
+
+def stale_rundir(tmpdir: Path, name: str = "dead") -> Path:
+    """A run directory like one a killed supervisor leaves: a pid file that nobody holds locked."""
+    rundir = tmpdir / f"{workers.RUNDIR_PREFIX}{name}"
+    rundir.mkdir(mode=0o700)
+    (rundir / workers.PID_FILE).write_text("4194304\n")
+    (rundir / "w1.sock").touch()
+    return rundir
+
+
+def test_stale_rundir_behind_a_symlink_is_not_followed(tmp_path):
+    # A symlink /tmp/bridge-workers-x -> some other directory must never get that directory emptied.
+    (tmp_path / "elsewhere").mkdir()
+    elsewhere = stale_rundir(tmp_path / "elsewhere")
+    link = tmp_path / f"{workers.RUNDIR_PREFIX}link"
+    link.symlink_to(elsewhere, target_is_directory=True)
+    workers.remove_stale_rundirs(str(tmp_path))
+    assert link.is_symlink() and (elsewhere / "w1.sock").exists()
+
+
+def test_rundir_without_a_pid_file_is_kept(tmp_path):
+    # A supervisor between mkdtemp and its locked pid file looks like this.
+    starting = stale_rundir(tmp_path)
+    (starting / workers.PID_FILE).unlink()
+    workers.remove_stale_rundirs(str(tmp_path))
+    assert starting.is_dir()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another user needs root")
+def test_another_users_stale_rundir_is_kept(tmp_path):
+    theirs = stale_rundir(tmp_path)
+    os.chown(theirs, os.getuid() + 1, -1)
+    workers.remove_stale_rundirs(str(tmp_path))
+    assert theirs.is_dir()
+
+
+def test_directories_of_another_kind_are_kept(tmp_path):
+    other = stale_rundir(tmp_path).rename(tmp_path / "pymp-dead")
+    workers.remove_stale_rundirs(str(tmp_path))
+    assert other.is_dir()
