@@ -177,3 +177,30 @@ def test_host_allowed_without_allowed_hosts(host, allowed):
 def test_allowed_hosts_takes_host_names_only(value):
     with pytest.raises(config.ConfigError, match="ALLOWED_HOSTS"):
         config.load_config([], {"ALLOWED_HOSTS": value})
+
+
+# ---------------------------------------------------------------------------
+# Static files: nothing outside static/
+# ---------------------------------------------------------------------------
+
+
+async def raw_get(port: int, target: str) -> tuple[int, bytes]:
+    """The status and body of a GET sent exactly as written (no client normalises the path)."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), TIMEOUT)
+    try:
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), TIMEOUT)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+@pytest.mark.parametrize("target", ["/static/../main.py", "/static/%2e%2e/main.py", "/static/..%2fmain.py",
+                                    "/static/%2e%2e%2fconfig.py", "/static//etc/passwd",
+                                    "/static/..\\main.py", "/static/....//main.py"])
+async def test_static_paths_cannot_leave_the_static_folder(bridge, target):
+    status, body = await raw_get(bridge.port, target)
+    assert status in (400, 403, 404), (status, body[:200])
+    assert b"create_app" not in body and b"root:" not in body
