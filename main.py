@@ -1,10 +1,10 @@
 """NATS ⇄ WebSocket bridge built on Panini: the wiring, in one screen.
 
-``create_app`` builds the Panini app from the settings (config.py): the test
-publisher, the control plane, the HTTP and WebSocket routes, and the lifecycle.
-``main`` binds the port, then serves until SIGTERM/SIGINT: itself, or with
-``WORKERS`` > 1 through N worker processes (workers.py).  What each part does
-lives in its own module; the README's Layout section lists them.
+``create_app`` builds the Panini app from the settings (bridge/config.py): the
+test publisher, the control plane, the HTTP and WebSocket routes, and the
+lifecycle.  ``main`` binds the port, then serves until SIGTERM/SIGINT: itself,
+or with ``WORKERS`` > 1 through N worker processes (bridge/process/workers.py).
+What each part does lives in the bridge package (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -21,25 +21,21 @@ from functools import partial
 from aiohttp import web
 from panini import app as panini_app
 
-import access
-import control
-import feed
-import headers
-import metrics
-import nats_link
-import panini_workarounds
-import routes
-import siblings
-import workers
-from app_state import CONFIG, KEYS, LINK, MANAGER, PANINI, PLANE, REGISTRY, WORKER
-from config import TEST_SUBJECT, Config, ConfigError, StartupError, load_config  # noqa: F401 (tests)
-from control_plane import ControlPlane
-from frames import CLOSE_GOING_AWAY
-from handler import WSSManager
-from jetstream import HEARTBEAT, JetStreamError
-from keys import KeyStore
-from logs import AccessLog, configure_logging, redact
-from workers import Worker
+from bridge import panini_workarounds
+from bridge.config import CONFIG, Config, ConfigError, StartupError, load_config
+from bridge.core.frames import CLOSE_GOING_AWAY
+from bridge.core.redaction import redact
+from bridge.core.stats import LinkStats
+from bridge.jetstream.api import HEARTBEAT
+from bridge.panini_workarounds import PANINI
+from bridge.plane.control_plane import PLANE, ControlPlane
+from bridge.process import demo, metrics, nats_link, siblings, workers
+from bridge.process.keys import KEYS, KeyStore
+from bridge.process.logs import AccessLog, configure_logging
+from bridge.process.metrics import LINK, REGISTRY
+from bridge.process.workers import WORKER, Worker
+from bridge.web import access, control_api, headers, routes
+from handler import MANAGER, WSSManager
 
 logger = logging.getLogger("bridge")
 
@@ -72,15 +68,15 @@ def create_app(config: Config, worker: Worker = workers.LONE) -> panini_app.App:
     web_app[MANAGER] = manager
     web_app[PLANE] = plane
     web_app[WORKER] = worker
-    web_app[LINK] = metrics.LinkStats()
+    web_app[LINK] = LinkStats()
     web_app[REGISTRY] = metrics.make_registry(manager, web_app[LINK], partial(nats_link.connected, web_app))
 
     app.http.get("/")(routes.index)
     app.http.get("/stream")(routes.stream)
-    app.http.post("/clients/{connection_id}")(control.post_client)
-    app.http.delete("/clients/{connection_id}")(control.delete_client)
-    app.http.post("/users/{sub}")(control.post_user)
-    app.http.delete("/users/{sub}")(control.delete_user)
+    app.http.post("/clients/{connection_id}")(control_api.post_client)
+    app.http.delete("/clients/{connection_id}")(control_api.delete_client)
+    app.http.post("/users/{sub}")(control_api.post_user)
+    app.http.delete("/users/{sub}")(control_api.delete_user)
     app.http.get("/healthz")(routes.healthz)
     app.http.get("/readyz")(routes.readyz)
     app.http.get("/metrics")(routes.metrics_endpoint)
@@ -88,32 +84,19 @@ def create_app(config: Config, worker: Worker = workers.LONE) -> panini_app.App:
     web_app.add_routes(app.http)
 
     if config.test_publish_interval > 0 and worker.index == 1:  # one test stream per host
-        feed.register(app, config.test_publish_interval)
-    app.task(interval=HEARTBEAT)(manager.check_feeds)
+        demo.register(app, config.test_publish_interval)
+    app.task(interval=HEARTBEAT)(manager.registry.check_feeds)
 
     web_app.cleanup_ctx.append(keys.lifecycle)  # a bad key fails the start before NATS is tried
     web_app.cleanup_ctx.append(nats_link.nats_link)  # first in, last out: NATS outlives the rest
     if config.create_stream and worker.index == 1:
-        web_app.cleanup_ctx.append(demo_stream)
+        web_app.cleanup_ctx.append(demo.demo_stream)
     web_app.cleanup_ctx.append(plane.lifecycle)
     web_app.cleanup_ctx.append(siblings.private_site)
     web_app.cleanup_ctx.append(panini_tasks)
     web_app.on_shutdown.append(plane.leave)  # peers stop waiting for us first
     web_app.on_shutdown.append(close_websockets)
     return app
-
-
-async def demo_stream(web_app: web.Application) -> AsyncIterator[None]:
-    """CREATE_STREAM: a stream for history to come from (make run's demo); never replaces one."""
-    config = web_app[CONFIG]
-    name, _, subjects = config.create_stream.partition(":")
-    try:
-        created = await web_app[MANAGER].jetstream.ensure_stream(
-            name, subjects.split(","), config.create_stream_max_msgs, config.create_stream_max_age)
-        logger.info("stream %s %s for %s", name, "created" if created else "already exists", subjects)
-    except JetStreamError as exc:
-        logger.warning("CREATE_STREAM: could not create stream %s: %s", name, exc)
-    yield
 
 
 async def panini_tasks(web_app: web.Application) -> AsyncIterator[None]:
@@ -129,7 +112,7 @@ async def close_websockets(web_app: web.Application) -> None:
     # Every client gets its 1001 at once; a peer that does not answer the
     # close within a second is cut off, so a stop never waits on one.
     manager = web_app[MANAGER]
-    logger.info("stopping: closing %d connections", len(manager.clients))
+    logger.info("stopping: closing %d connections", len(manager.sessions))
     await manager.close_all(CLOSE_GOING_AWAY, "server shutting down", timeout=1.0)
 
 
@@ -180,7 +163,7 @@ def serve(config: Config, sock: socket.socket, worker: Worker = workers.LONE,
             sock=sock,
             print=lambda text: logger.info("%s", text.splitlines()[0].strip("= ")),
             shutdown_timeout=2,
-            # Tokens in URLs (?token=, Referer) are logged redacted (logs.AccessLog); the
+            # Tokens in URLs (?token=, Referer) are logged redacted (AccessLog); the
             # tests' runner (tests/conftest.py) serves the app with it too.
             access_log_class=AccessLog,
         )

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from config import ConfigError, load_config  # noqa: E402
+from bridge.config import ConfigError, load_config  # noqa: E402
 
 RUN_DIR = ROOT / ".run"
 NATS_LOG = RUN_DIR / "nats-server.log"

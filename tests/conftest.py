@@ -27,14 +27,16 @@ import nats
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from schema_check import validate_server_frame
+
+import main
+from bridge.config import Config
+from bridge.core.permissions import DEFAULT_CONTROL_SUBJECT
+from bridge.plane.control_plane import PLANE
+from bridge.process.logs import AccessLog
+from handler import MANAGER
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from schema_check import validate_server_frame  # noqa: E402
-
-import main  # noqa: E402
-from permissions import DEFAULT_CONTROL_SUBJECT  # noqa: E402
 
 TIMEOUT = 10.0
 
@@ -215,11 +217,11 @@ class Bridge:
 
     @property
     def manager(self) -> Any:
-        return self.app.http_server.web_app[main.MANAGER]
+        return self.app.http_server.web_app[MANAGER]
 
     @property
     def plane(self) -> Any:
-        return self.app.http_server.web_app[main.PLANE]
+        return self.app.http_server.web_app[PLANE]
 
 
 @asynccontextmanager
@@ -232,12 +234,12 @@ async def running_bridge(on_response_prepare: Any = None, **overrides: Any) -> A
     overrides.setdefault("nats_connect_timeout", 10)
     # A unique service name per bridge: tests find its connection in /connz by it.
     overrides.setdefault("service_name", f"bridge_test_{os.getpid()}_{time.monotonic_ns()}")
-    config = main.Config(**overrides)
+    config = Config(**overrides)
     app = main.create_app(config)
     if on_response_prepare is not None:
         app.http_server.web_app.on_response_prepare.append(on_response_prepare)
     # Served as main.serve serves it: the access log redacts tokens in URLs.
-    runner = web.AppRunner(app.http_server.web_app, shutdown_timeout=5, access_log_class=main.AccessLog)
+    runner = web.AppRunner(app.http_server.web_app, shutdown_timeout=5, access_log_class=AccessLog)
     await asyncio.wait_for(runner.setup(), TIMEOUT + config.nats_connect_timeout)
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

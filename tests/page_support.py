@@ -51,4 +51,4 @@ async def welcomed(page: Page) -> None:
 
 
 def server_subjects(bridge: Any) -> list[set[str]]:
-    return [set(client.subjects) for client in bridge.manager.clients.values()]
+    return [set(client.subscriptions) for client in bridge.manager.sessions.values()]

@@ -39,7 +39,7 @@ from minting import (
     unsigned,
 )
 
-from app_state import LINK
+from bridge.process.metrics import LINK
 
 CONTROL = "backend-control-secret"
 POLICY = {"subject_allow": ("user.{sub}.>", "public.>"), "publish_allow": ("user.{sub}.>",)}
@@ -231,7 +231,7 @@ async def test_message_on_bobs_subject_never_reaches_alice_by_any_pattern(jwt_br
              "user.alice.>", "public.>"]
     for pattern in tried:
         await alice.request({"action": "subscribe", "subjects": [pattern]})
-    assert set(jwt_bridge.manager.clients[alice.connection_id].subjects) == {"user.alice.>", "public.>"}
+    assert set(jwt_bridge.manager.sessions[alice.connection_id].subscriptions) == {"user.alice.>", "public.>"}
     await nats_synced(jwt_bridge)
     await publish(nc, "user.bob.inbox", {"secret": True})
     await publish(nc, "user.alice.inbox", {"mine": True})
@@ -311,7 +311,7 @@ async def test_refresh_with_a_narrower_token_drops_exactly_what_it_no_longer_all
     narrower = hs256(claims("alice", nats={"sub": {"allow": ["user.{sub}.a", "public.>"]}}))
     frame = await client.request({"action": "refresh", "token": narrower})
     assert (frame["success"], frame["unsubscribed"]) == (True, ["user.alice.b.x"])
-    assert set(jwt_bridge.manager.clients[client.connection_id].subjects) == {"user.alice.a", "public.news"}
+    assert set(jwt_bridge.manager.sessions[client.connection_id].subscriptions) == {"user.alice.a", "public.news"}
     await nats_synced(jwt_bridge)
     await publish(nc, "user.alice.b.x", {"n": 1})
     await publish(nc, "user.alice.a", {"n": 2})
@@ -322,7 +322,7 @@ async def test_refresh_with_another_users_token_is_refused(jwt_bridge, ws_factor
     client = await connect(ws_factory, jwt_bridge, hs256(claims("alice")))
     frame = await client.request({"action": "refresh", "token": hs256(claims("bob"))})
     assert frame["success"] is False and "another user" in frame["message"]
-    assert jwt_bridge.manager.clients[client.connection_id].user.sub == "alice"
+    assert jwt_bridge.manager.sessions[client.connection_id].user.sub == "alice"
 
 
 async def test_refused_refresh_keeps_the_old_expiry(bridge_factory, nats_server, ws_factory):

@@ -87,7 +87,7 @@ async def publish_until(nc: Any, page: Page, subject: str, payload: bytes) -> No
 
 
 def held(bridge: Any) -> list[set[str]]:
-    return [set(client.subjects) for client in bridge.manager.clients.values()]
+    return [set(client.subscriptions) for client in bridge.manager.sessions.values()]
 
 
 # ---------------------------------------------------------------------------
@@ -348,7 +348,7 @@ async def test_a_token_comes_from_get_token_when_the_handshake_is_refused(
     )
     await page.wait_for_function("() => client2.state === 'connected'", timeout=TIMEOUT_MS)
     assert await page.evaluate("tokenCalls") == 1
-    assert len(bridge.manager.clients) == 1
+    assert len(bridge.manager.sessions) == 1
     await page.evaluate("() => client2.close()")
 
 
@@ -501,7 +501,7 @@ async def test_an_expired_token_without_get_token_stops_reconnecting(
     await asyncio.sleep(1)
     last = await page.evaluate("[client.state, log.states.at(-1)]")
     assert last == ["disconnected", ["disconnected", 4001]]
-    assert not bridge.manager.clients
+    assert not bridge.manager.sessions
 
 
 async def test_a_backends_disconnect_4003_stops_reconnecting(bridge: Any, open_page: OpenPage) -> None:
@@ -514,7 +514,7 @@ async def test_a_backends_disconnect_4003_stops_reconnecting(bridge: Any, open_p
     await page.wait_for_function("() => client.state === 'disconnected'", timeout=TIMEOUT_MS)
     await asyncio.sleep(1)
     assert await page.evaluate("log.states.at(-1)") == ["disconnected", 4003]
-    assert not bridge.manager.clients
+    assert not bridge.manager.sessions
 
 
 def test_the_type_declarations_cover_the_fixed_api() -> None:

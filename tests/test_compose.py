@@ -37,6 +37,7 @@ import yaml
 from conftest import ROOT, BridgeProcess, NatsServer, free_port, wait_for_port
 
 import main
+from bridge.config import TEST_SUBJECT, Config, load_config
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 CLUSTER_FILE = ROOT / "docker-compose.cluster.yml"
@@ -222,7 +223,7 @@ def mem_limit_bytes(svc: dict[str, Any]) -> int:
 
 def app_port(name: str = "bridge", file: Path = COMPOSE_FILE) -> int:
     """The port the app listens on inside the container (what load_config resolves)."""
-    return main.load_config([], container_env(name, file)).http_port
+    return load_config([], container_env(name, file)).http_port
 
 
 def published_ports(name: str, file: Path = COMPOSE_FILE) -> list[tuple[int, int]]:
@@ -243,7 +244,7 @@ def url_paths(command: list[str]) -> list[str]:
 
 
 def app_routes() -> set[tuple[str, str]]:
-    app = main.create_app(main.Config(test_publish_interval=0))
+    app = main.create_app(Config(test_publish_interval=0))
     return {
         (route.method, route.resource.canonical)
         for route in app.http_server.web_app.router.routes()
@@ -383,7 +384,7 @@ def test_dockerfile_copies_every_local_module_the_app_imports() -> None:
 
 def test_dockerfile_exposes_the_port_the_app_listens_on() -> None:
     exposed = {int(p.split("/")[0]) for ins in only("EXPOSE") for p in ins.args.split()}
-    assert main.load_config([], dockerfile_env()).http_port in exposed
+    assert load_config([], dockerfile_env()).http_port in exposed
 
 
 def test_dockerfile_healthcheck_asks_healthz_with_python_not_curl() -> None:
@@ -445,7 +446,7 @@ def test_compose_bridge_publishes_the_port_the_app_listens_on() -> None:
 
 def test_compose_bridge_listens_on_all_interfaces_in_the_container() -> None:
     # 127.0.0.1 inside a container is unreachable through the published port.
-    assert main.load_config([], container_env()).http_host == "0.0.0.0"
+    assert load_config([], container_env()).http_host == "0.0.0.0"
 
 
 def test_compose_bridge_waits_for_a_healthy_nats() -> None:
@@ -503,14 +504,14 @@ def test_demo_sets_a_memory_limit_on_every_service(file: Path) -> None:
 @pytest.mark.parametrize("file", DEMO_FILES, ids=lambda f: f.name)
 def test_demo_bridges_need_a_control_token_that_says_change_me_by_default(file: Path) -> None:
     for name in demo_bridges(file):
-        tokens = main.load_config([], container_env(name, file)).control_tokens
+        tokens = load_config([], container_env(name, file)).control_tokens
         assert tokens and all("change-me" in t for t in tokens), (name, tokens)
 
 
 @pytest.mark.parametrize("file", DEMO_FILES, ids=lambda f: f.name)
 def test_demo_control_token_is_taken_from_the_shell_when_set(file: Path) -> None:
     for name in demo_bridges(file):
-        config = main.load_config([], container_env(name, file, {"CONTROL_TOKENS": "mine"}))
+        config = load_config([], container_env(name, file, {"CONTROL_TOKENS": "mine"}))
         assert config.control_tokens == ("mine",), name
 
 
@@ -615,7 +616,7 @@ def container_bridge(
 
 
 def demo_control_token(name: str = "bridge", file: Path = COMPOSE_FILE) -> str:
-    return main.load_config([], container_env(name, file)).control_tokens[0]
+    return load_config([], container_env(name, file)).control_tokens[0]
 
 
 def test_control_api_of_the_bridge_run_like_the_container_refuses_a_call_without_the_token(
@@ -645,9 +646,9 @@ async def test_bridge_run_with_the_container_command_and_env_streams_live_test_m
 ) -> None:
     client = await ws_factory(container_bridge.http_url.replace("http", "ws", 1) + "/stream")
     assert client.welcome["nats"] == "connected"
-    await client.subscribe(main.TEST_SUBJECT)
+    await client.subscribe(TEST_SUBJECT)
     frame = await client.receive_message(timeout=LIVE_MESSAGE_TIMEOUT)
-    assert frame["subject"] == main.TEST_SUBJECT
+    assert frame["subject"] == TEST_SUBJECT
     assert frame["data"]["key1"] == "value1"
 
 
@@ -790,20 +791,20 @@ def test_cluster_bridges_wait_for_every_nats_node_to_be_healthy():
 
 
 def test_cluster_bridges_share_one_control_plane():
-    subjects = {main.load_config([], container_env(name, CLUSTER_FILE)).control_subject
+    subjects = {load_config([], container_env(name, CLUSTER_FILE)).control_subject
                 for name in cluster_bridges()}
     assert len(subjects) == 1, subjects
 
 
 def test_cluster_has_one_test_stream_not_one_per_replica():
-    intervals = [main.load_config([], container_env(name, CLUSTER_FILE)).test_publish_interval
+    intervals = [load_config([], container_env(name, CLUSTER_FILE)).test_publish_interval
                  for name in cluster_bridges()]
     assert sum(1 for i in intervals if i > 0) == 1, intervals
 
 
 def test_cluster_bridges_listen_on_all_interfaces_and_are_reached_only_through_the_balancer():
     for name in cluster_bridges():
-        assert main.load_config([], container_env(name, CLUSTER_FILE)).http_host == "0.0.0.0"
+        assert load_config([], container_env(name, CLUSTER_FILE)).http_host == "0.0.0.0"
         assert not service(name, CLUSTER_FILE).get("ports"), f"{name} is published past the balancer"
 
 
@@ -853,7 +854,7 @@ def test_nginx_keeps_the_browsers_host_so_the_pages_origin_is_accepted():
 
 
 def test_nginx_keeps_quiet_websockets_open_past_the_ping_interval():
-    ping = main.Config().ping_interval
+    ping = Config().ping_interval
     (timeout,) = nginx_directives("proxy_read_timeout")
     seconds = int(timeout[:-1]) * {"s": 1, "m": 60, "h": 3600}[timeout[-1]] if timeout[-1].isalpha() \
         else int(timeout)
@@ -893,13 +894,13 @@ async def test_cluster_replicas_run_like_their_containers_share_the_control_plan
         status = 0
         for _ in range(50):  # until the second replica has heard the first one announce itself
             status = (await asyncio.to_thread(post_json, f"{second.http_url}/clients/{client.connection_id}",
-                                              {"subjects": [main.TEST_SUBJECT]}, token))
+                                              {"subjects": [TEST_SUBJECT]}, token))
             if status == 200:
                 break
             await asyncio.sleep(0.2)
         assert status == 200
         frame = await client.receive_message(timeout=LIVE_MESSAGE_TIMEOUT)
-        assert frame["subject"] == main.TEST_SUBJECT
+        assert frame["subject"] == TEST_SUBJECT
     finally:
         for bridge in (first, second):
             bridge.stop(signal.SIGTERM, timeout=20)

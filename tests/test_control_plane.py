@@ -24,8 +24,8 @@ import pytest
 from conftest import ROOT, TIMEOUT, NatsServer, close_of, eventually, publish, unique
 from minting import SECRET, claims, hs256
 
-from commands import Answer, Command, summarize
-from control_plane import MISSES, BadCommand, Gathering, Roster, Subjects, decode_command, encode_command
+from bridge.core.commands import Answer, Command, summarize
+from bridge.core.plane import MISSES, BadCommand, Gathering, Roster, Subjects, decode_command, encode_command
 
 CONTROL = "backend-control-secret"
 JWT = {"jwt_secret": SECRET, "control_tokens": (CONTROL,), "subject_allow": ("user.{sub}.>", "public.>")}

@@ -24,8 +24,8 @@ import pytest
 from conftest import TIMEOUT, NatsServer, StalledWebSocket, eventually, free_port
 from minting import SECRET, claims, hs256
 
-from history import HistoryError, parse_history
-from jetstream import stream_sequence
+from bridge.core.history import HistoryError, parse_history
+from bridge.jetstream.api import stream_sequence
 
 # ---------------------------------------------------------------------------
 # Fixtures: a JetStream server, a stream per test
@@ -369,7 +369,7 @@ async def test_history_on_a_subject_no_stream_stores_fails_as_a_whole(jbridge, w
                                   "subjects": [f"{stream['base']}.ok", unstored]})
     assert reply["success"] is False
     assert reply["message"] == f"no stream stores {unstored!r}: it has no history"
-    assert not jbridge.manager.clients[client.connection_id].subjects
+    assert not jbridge.manager.sessions[client.connection_id].subscriptions
 
 
 async def test_pattern_only_partly_inside_a_stream_has_no_history(jbridge, ws_factory, js):
@@ -419,20 +419,20 @@ async def test_history_waits_for_a_client_that_stops_reading_and_others_are_unaf
         await stalled.send_json({"subjects": [subject], "history": {"last": 500}})
         # Paced by the client: what it has not taken waits in its own queue, bounded, and
         # the reading stops there rather than filling the bridge's memory.
-        clients = bridge.manager.clients
+        clients = bridge.manager.sessions
         stalled_client = await eventually(
             lambda: next((c for i, c in clients.items() if i != healthy.connection_id), None))
-        await eventually(lambda: len(stalled_client._queue) > 0)
+        await eventually(lambda: len(stalled_client.outbox._queue) > 0)
         await asyncio.sleep(1)
-        assert len(stalled_client._queue) <= 64
+        assert len(stalled_client.outbox._queue) <= 64
         assert bridge.manager.stats.slow_consumer_disconnects == 0
-        assert stalled_client.sent < 500
+        assert stalled_client.outbox.sent < 500
         [live] = await store(js, subject, 1, tag="after")
         assert (await healthy.receive_message())["seq"] == live
         # Live messages held back behind its history pile up past its queue bound: then it is closed.
         await store(js, subject, 70, tag="pile")
         await eventually(lambda: bridge.manager.stats.slow_consumer_disconnects == 1, timeout=TIMEOUT)
-        await eventually(lambda: len(bridge.manager.clients) == 1, timeout=TIMEOUT)
+        await eventually(lambda: len(bridge.manager.sessions) == 1, timeout=TIMEOUT)
         assert len(await messages(healthy, 70)) == 70
     finally:
         stalled.close()
@@ -451,7 +451,7 @@ async def test_live_feed_recovers_every_message_after_its_consumer_is_deleted(
     await client.subscribe(subject)
     [first] = await store(js, subject, 1)
     assert (await client.receive_message())["seq"] == first
-    feed = jbridge.manager.topics[subject].feed
+    feed = jbridge.manager.registry.topics[subject].feed
     await js._jsm.delete_consumer(stream["name"], feed._consumer)
     missed = await store(js, subject, 5, tag="while-lost")
     got = [f["seq"] for f in await messages(client, 5, timeout=30)]

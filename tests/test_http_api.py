@@ -126,7 +126,7 @@ async def test_post_to_closed_connection_returns_404(bridge, ws_factory, http):
     client = await ws_factory(bridge.ws_url)
     connection_id = client.connection_id
     await client.close()
-    await eventually(lambda: connection_id not in bridge.manager.clients)
+    await eventually(lambda: connection_id not in bridge.manager.sessions)
     status, _ = await post(http, bridge, connection_id, {"subjects": ["a"]})
     assert status == 404
 

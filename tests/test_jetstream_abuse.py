@@ -23,7 +23,7 @@ import pytest
 from conftest import TIMEOUT, NatsServer, eventually
 from minting import SECRET, claims, hs256
 
-import main
+from bridge.process.metrics import LINK
 
 # ---------------------------------------------------------------------------
 # A NATS server with users: the bridge, a sensor allowed one subject, an operator
@@ -109,7 +109,7 @@ async def test_forged_stall_header_in_a_stored_message_never_makes_the_bridge_pu
     # The forged message is what it is: data, headers and all.
     assert (frame["subject"], frame["headers"]["Nats-Consumer-Stalled"]) == (SENSOR_SUBJECT, target)
     # Every restart of the feed sees it again: make one happen.
-    feed = bridge.manager.topics["sensors.>"].feed
+    feed = bridge.manager.registry.topics["sensors.>"].feed
     await api(ops, f"CONSUMER.DELETE.SENSORS.{feed._consumer}")
     await eventually(lambda: feed._generation > 1, timeout=30)
     await asyncio.sleep(0.5)
@@ -131,7 +131,7 @@ async def test_forged_last_consumer_header_does_not_freeze_a_stored_pattern(
     got = [await page.receive_message() for _ in range(6)]
     assert [f.get("data") for f in got[1:]] == [{"n": i} for i in range(5)]
     assert [f["seq"] for f in got] == list(range(got[0]["seq"], got[0]["seq"] + 6))
-    assert bridge.manager.topics["sensors.>"].feed._generation == 1  # never restarted
+    assert bridge.manager.registry.topics["sensors.>"].feed._generation == 1  # never restarted
 
 
 async def test_history_goes_on_past_stored_messages_with_status_headers(
@@ -218,7 +218,7 @@ async def test_past_a_streams_share_of_consumers_a_subscribe_is_refused_in_words
         reply = await client.request({"subjects": [f"{base}.one.more"], "id": 9})
         assert (reply["success"], reply["id"]) == (False, 9)
         assert f"stream {name} has 8 of its 10 consumers in use" in reply["message"], reply
-        assert f"{base}.one.more" not in bridge.manager.topics  # never quietly without sequences
+        assert f"{base}.one.more" not in bridge.manager.registry.topics  # never quietly without sequences
         # The connection carries on, and another app still has its consumers.
         assert (await client.request({"subjects": ["not.stored.here"]}))["success"]
         made = await api(nc, f"CONSUMER.CREATE.{name}.app",
@@ -390,4 +390,4 @@ async def test_history_flood_of_large_messages_loses_nothing_for_a_healthy_clien
     finally:
         await asyncio.wait_for(nc.close(), TIMEOUT)
     assert got == list(range(published))
-    assert bridge.app.http_server.web_app[main.LINK].nats_reconnects == 0
+    assert bridge.app.http_server.web_app[LINK].nats_reconnects == 0

@@ -18,7 +18,7 @@ import pytest
 from conftest import TIMEOUT, eventually, nats_synced, publish, unique
 from minting import SECRET, claims, hs256
 
-from app_state import LINK
+from bridge.process.metrics import LINK
 
 CLOSING = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED,
            aiohttp.WSMsgType.ERROR)
@@ -232,7 +232,7 @@ async def test_closed_connection_frees_its_slot(bridge_factory, nats_server, ws_
     bridge = await bridge_factory(nats_url=nats_server.url, max_connections=3)
     clients = [await ws_factory(bridge.ws_url) for _ in range(3)]
     await clients[0].close()
-    await eventually(lambda: len(bridge.manager.clients) == 2)
+    await eventually(lambda: len(bridge.manager.sessions) == 2)
     client = await ws_factory(bridge.ws_url)
     assert client.welcome["success"] is True
 
@@ -301,7 +301,7 @@ async def test_closed_connection_frees_its_users_slot(bridge_factory, nats_serve
     bridge = await per_user_bridge(bridge_factory, nats_server)
     clients = [await ws_factory(bridge.ws_url, **as_user("alice")) for _ in range(2)]
     await clients[0].close()
-    await eventually(lambda: len(bridge.manager.clients) == 1)
+    await eventually(lambda: len(bridge.manager.sessions) == 1)
     client = await ws_factory(bridge.ws_url, **as_user("alice"))
     assert client.welcome["user"] == "alice"
 
@@ -322,7 +322,7 @@ async def test_concurrent_handshakes_of_one_user_never_pass_max_connections_per_
     refused = [r for r in results if isinstance(r, aiohttp.WSServerHandshakeError)]
     assert (len(accepted), len(refused)) == (3, 17), results
     assert {r.status for r in refused} == {429}
-    assert len(bridge.manager.clients) == 3
+    assert len(bridge.manager.sessions) == 3
 
 
 # ---------------------------------------------------------------------------
@@ -414,7 +414,7 @@ async def test_flooding_client_counts_as_one_rate_limit_disconnect(bridge_factor
     for i in range(60):
         await client.send(probe_frame(i))
     await close_code_of(client.ws)
-    await eventually(lambda: not bridge.manager.clients)
+    await eventually(lambda: not bridge.manager.sessions)
     # bridge_rate_limit_disconnects is documented as "Clients closed with 1008".
     assert bridge.manager.stats.rate_limit_disconnects == 1
 
@@ -659,7 +659,7 @@ async def test_client_that_never_answers_pings_has_its_subscriptions_released(
     await nats_synced(bridge)
     assert subject in nats_server.subscriptions_of(bridge.name)
     # The client's socket stays open on its side; it just never sends a pong.
-    await eventually(lambda: not bridge.manager.clients)
+    await eventually(lambda: not bridge.manager.sessions)
     await eventually(lambda: subject not in nats_server.subscriptions_of(bridge.name))
 
 
@@ -812,4 +812,4 @@ async def test_auth_post_endpoint_with_a_control_token_is_accepted(auth_bridge, 
 
 
 def bridge_clients_subjects(bridge: Any) -> set[str]:
-    return {s for c in bridge.manager.clients.values() for s in c.subjects}
+    return {s for c in bridge.manager.sessions.values() for s in c.subscriptions}

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from conftest import TIMEOUT, eventually, metric_samples
 
-import config
+from bridge import config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -157,7 +157,7 @@ async def test_manager_holds_no_state_after_all_clients_leave(bridge, ws_factory
         await client.subscribe(f"state.{i % 2}")
     for client in clients:
         await client.close()
-    await eventually(lambda: not bridge.manager.clients and not bridge.manager.topics)
+    await eventually(lambda: not bridge.manager.sessions and not bridge.manager.registry.topics)
 
 
 async def test_importing_the_bridge_leaves_asyncio_with_its_c_tasks_and_futures():

@@ -25,8 +25,8 @@ from page_support import (
     welcomed,
 )
 
-import feed
-import main
+from bridge.process import demo
+from bridge.process.metrics import LINK
 
 SCREENSHOT = ROOT / "docs" / "page.png"
 
@@ -282,7 +282,7 @@ async def test_follows_its_location_on_another_port(bridge: Any, open_page: Open
     assert watched.sockets == [f"ws://127.0.0.1:{bridge.port}/stream"]
     foreign = [u for u in watched.requests if not u.startswith((bridge.http_url + "/", "data:"))]
     assert foreign == []
-    [connection_id] = bridge.manager.clients
+    [connection_id] = bridge.manager.sessions
     await expect(page.locator("#connection-id")).to_have_text(connection_id)
 
     for path, content_types in [("/", ("text/html",)),
@@ -353,8 +353,8 @@ async def test_token_from_the_page_address(nats_server: Any, bridge_factory: Any
         await expect(refused.page.locator("#conn-state")).not_to_have_attribute("data-state", "connected")
         assert len(refused.sockets) >= 2 and set(refused.sockets) == {url}
         assert refused.frames_received == 0  # not even a welcome: it never connected
-    assert len(bridge.manager.clients) == 1  # the page with the token
-    assert bridge.app.http_server.web_app[main.LINK].refusals["auth"] >= 4
+    assert len(bridge.manager.sessions) == 1  # the page with the token
+    assert bridge.app.http_server.web_app[LINK].refusals["auth"] >= 4
 
 
 async def test_publish_box(nats_server: Any, bridge_factory: Any, nc: Any, open_page: OpenPage) -> None:
@@ -544,7 +544,7 @@ async def test_screenshot_for_the_readme(bridge: Any, nc: Any, open_page: OpenPa
     await subscribe_with_button(page, "orders.> sensors.*.temperature")
 
     await publish_until_seen(nc, rows(page, "test.subject"), "test.subject",
-                             json.dumps(feed.test_message()).encode())
+                             json.dumps(demo.test_message()).encode())
     await publish_until_seen(nc, rows(page, "orders.created"), "orders.created",
                              b'{"order": 1042, "customer": "Ada", "total": 31.5, "items": 3}')
     await publish_until_seen(nc, rows(page, "sensors.kitchen.temperature"), "sensors.kitchen.temperature",
@@ -552,7 +552,7 @@ async def test_screenshot_for_the_readme(bridge: Any, nc: Any, open_page: OpenPa
     await publish(nc, "orders.shipped", b"order 1042 left the warehouse", headers={"Trace-Id": "7f3a9c"})
     await publish(nc, "orders.audit", bytes(range(250, 256)) + b"\x00\x01binary")
     await publish(nc, "orders.note", b'"gift wrap, please"')
-    await publish(nc, "test.subject", json.dumps(feed.test_message()).encode())
+    await publish(nc, "test.subject", json.dumps(demo.test_message()).encode())
     await expect(page.locator("#messages > li")).to_have_count(7)
     await asyncio.sleep(1.1)  # one tick of the rate
     await page.get_by_label("Subject", exact=True).blur()

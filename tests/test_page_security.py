@@ -14,7 +14,7 @@ from aiohttp import web
 from chromium import TIMEOUT_MS, Browser, OpenPage, expect
 from conftest import TIMEOUT, eventually
 
-from frames import CLOSE_GOING_AWAY
+from bridge.core.frames import CLOSE_GOING_AWAY
 
 browser = chromium.browser
 open_page = chromium.open_page
@@ -37,7 +37,7 @@ async def test_the_page_drops_its_token_from_the_address_and_reconnects_with_it(
     await expect(page.locator("#conn-state")).not_to_have_attribute("data-state", "connected")
     await expect(page.locator("#conn-state")).to_have_attribute("data-state", "connected")
     assert watched.sockets == [stream, stream]
-    assert len(bridge.manager.clients) == 1
+    assert len(bridge.manager.sessions) == 1
     assert page.url == f"{bridge.http_url}/#top"
 
 
@@ -105,4 +105,4 @@ async def test_another_origin_cannot_frame_the_page(bridge: Any, other_origin: A
     [framed] = [f for f in watched.page.frames if f != watched.page.main_frame]
     assert not framed.url.startswith(bridge.http_url)  # Chromium shows its error page instead
     assert await framed.locator("#conn-state").count() == 0
-    assert bridge.manager.clients == {}
+    assert bridge.manager.sessions == {}

@@ -17,10 +17,10 @@ import nats
 import pytest
 from conftest import TIMEOUT, nats_synced, publish, unique
 
-from config import ConfigError, load_config
-from frames import BadFrame, publish_payload
-from permissions import DEFAULT_DENY, SubjectPolicy
-from subjects import pattern_within, patterns_overlap, subject_matches
+from bridge.config import ConfigError, load_config
+from bridge.core.frames import BadFrame, publish_payload
+from bridge.core.permissions import DEFAULT_DENY, SubjectPolicy
+from bridge.core.subjects import pattern_within, patterns_overlap, subject_matches
 
 # ---------------------------------------------------------------------------
 # A small universe: every pattern over tokens a, b, *, > (up to 3 tokens) and

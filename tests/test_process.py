@@ -24,7 +24,7 @@ from conftest import (
     wait_for_port,
 )
 
-import main
+from bridge.config import Config
 
 # The four names other tools rely on, plus the rest of the core's settings.
 CORE_SETTINGS = [
@@ -44,7 +44,7 @@ CORE_SETTINGS = [
 
 def every_setting_env_var() -> list[str]:
     """The core's settings and whatever else Config declares today."""
-    declared = [f.metadata["env"] for f in dataclasses.fields(main.Config) if "env" in f.metadata]
+    declared = [f.metadata["env"] for f in dataclasses.fields(Config) if "env" in f.metadata]
     return sorted(set(CORE_SETTINGS) | set(declared))
 
 

@@ -90,7 +90,7 @@ async def test_clients_keep_their_sockets_open_while_nats_is_down(own_nats, outa
     frame = await client.request({"action": "unsubscribe", "subjects": ["never.held"]})
     assert frame["type"] == "reply"
     assert not client.ws.closed
-    assert client.connection_id in outage_bridge.manager.clients
+    assert client.connection_id in outage_bridge.manager.sessions
 
 
 async def test_welcome_during_outage_says_nats_disconnected(own_nats, outage_bridge, ws_factory):
@@ -131,7 +131,7 @@ async def test_subscriptions_resume_after_nats_restart_without_reconnecting(
         await asyncio.wait_for(nc.close(), TIMEOUT)
     assert (frame["subject"], frame["data"]) == (subject, {"after": "restart"})
     assert not client.ws.closed
-    assert list(outage_bridge.manager.clients) == [client.connection_id]
+    assert list(outage_bridge.manager.sessions) == [client.connection_id]
 
 
 async def test_restarted_nats_server_holds_the_bridge_subscription_once(own_nats, outage_bridge, ws_factory):
@@ -260,7 +260,7 @@ async def test_cluster_failover_keeps_the_client_socket(cluster_setup):
     await kill(s["home"])
     await publish_until_received(s["nc"], s["subject"], s["client"], "after")
     assert not s["client"].ws.closed
-    assert list(s["bridge"].manager.clients) == [s["client"].connection_id]
+    assert list(s["bridge"].manager.sessions) == [s["client"].connection_id]
 
 
 async def test_cluster_failover_leaves_one_bridge_subscription_on_surviving_nodes(cluster_setup):

@@ -20,7 +20,7 @@ from schema_check import (
     validator,
 )
 
-from subjects import subject_error
+from bridge.core.subjects import subject_error
 
 PROTOCOL_DOC = ROOT / "docs" / "protocol.md"
 

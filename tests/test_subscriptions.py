@@ -183,7 +183,7 @@ async def test_shared_subscription_kept_until_last_of_forty_clients_leaves(
         await client.subscribe(subject)
     *leaving, last = clients
     await asyncio.gather(*(c.close() for c in leaving))
-    await eventually(lambda: len(bridge.manager.clients) == 1)
+    await eventually(lambda: len(bridge.manager.sessions) == 1)
     await nats_synced(bridge)
     assert count_of(nats_server, bridge, subject) == 1
     await publish(nc, subject, {"n": 1})
@@ -408,7 +408,7 @@ async def test_reset_connection_does_not_disturb_other_clients(bridge, ws_factor
     reset_connection(victim)
     # Publish while the bridge is noticing the reset and after it has.
     await publish(nc, shared, {"n": 1})
-    await eventually(lambda: len(bridge.manager.clients) == 3)
+    await eventually(lambda: len(bridge.manager.sessions) == 3)
     await publish(nc, shared, {"n": 2})
     for client in others:
         assert (await client.receive_message())["data"] == {"n": 1}

@@ -23,8 +23,8 @@ from minting import (
     unsigned,
 )
 
-from permissions import NatsClaim, SubjectPolicy, parse_nats_claim, template_error
-from tokens import BadKey, TokenError, Verifier, VerifyingKey, algorithms_for, jwk_key, jwks_keys
+from bridge.core.permissions import NatsClaim, SubjectPolicy, parse_nats_claim, template_error
+from bridge.core.tokens import BadKey, TokenError, Verifier, VerifyingKey, algorithms_for, jwk_key, jwks_keys
 
 
 def public(key) -> VerifyingKey:

@@ -13,9 +13,9 @@ import pytest
 from conftest import TIMEOUT, metric_samples, nats_synced, unique
 from minting import SECRET, claims, hs256
 
-import config
-from access import host_allowed
-from headers import SECURITY_HEADERS
+from bridge import config
+from bridge.web.access import host_allowed
+from bridge.web.headers import SECURITY_HEADERS
 
 REBOUND = "attacker.example"
 
@@ -91,7 +91,7 @@ async def test_rebound_host_is_refused_on_stream_without_auth(bridge):
     port = bridge.port
     status = await handshake(bridge, f"{REBOUND}:{port}", origin=f"http://{REBOUND}:{port}")
     assert status == 421
-    assert bridge.manager.clients == {}
+    assert bridge.manager.sessions == {}
 
 
 async def test_rebound_host_refusal_names_the_setting(bridge, http):
@@ -109,7 +109,7 @@ async def test_rebound_host_cannot_use_the_open_control_api(bridge, http, ws_fac
         data=json.dumps({"subjects": [subject], "action": "subscribe"}))
     assert status == 421
     await nats_synced(bridge)
-    assert [set(c.subjects) for c in bridge.manager.clients.values()] == [set()]
+    assert [set(c.subscriptions) for c in bridge.manager.sessions.values()] == [set()]
 
 
 @pytest.mark.parametrize("path", ["/", "/static/app.js", "/metrics", "/healthz", "/readyz", "/nothing"])

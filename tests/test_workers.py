@@ -34,8 +34,8 @@ from conftest import (
 )
 from minting import SECRET, claims, hs256
 
-import config
-import workers
+from bridge import config
+from bridge.process import workers
 
 CONTROL = "backend-control-secret"
 CLIENTS = 40

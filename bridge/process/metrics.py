@@ -1,0 +1,179 @@
+"""Prometheus metrics for the bridge.
+
+The hot path only bumps plain integers (core/stats.py); this collector turns
+them into metric families when /metrics is scraped, so a delivered message costs
+no lock and no label lookup.  With several workers, /metrics is the host's
+total: ``merge`` sums the workers' own expositions sample by sample (siblings.py
+fetches them at scrape time).  ``LINK`` and ``REGISTRY`` are the app's keys to
+the link counters and this process's registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from bridge.core.stats import LinkStats
+
+if TYPE_CHECKING:
+    from handler import WSSManager
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+LINK = web.AppKey("link", LinkStats)
+REGISTRY = web.AppKey("registry", CollectorRegistry)
+
+
+class BridgeCollector:
+    def __init__(self, manager: WSSManager, link: LinkStats, nats_connected: Callable[[], bool]) -> None:
+        self._manager = manager
+        self._link = link
+        self._nats_connected = nats_connected
+
+    def collect(self) -> Iterator[Metric]:
+        m, s, link = self._manager, self._manager.stats, self._link
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"bridge_{name}", doc, value=value)
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(f"bridge_{name}", doc, value=value)
+
+        yield gauge("connections", "Open WebSocket connections.", len(m.sessions))
+        yield gauge(
+            "client_subscriptions", "Subjects followed by clients, summed over clients.",
+            m.client_subscriptions
+        )
+        yield gauge(
+            "nats_subscriptions", "NATS subscriptions of the bridge (one per pattern).",
+            len(m.registry.topics)
+        )
+        yield gauge("nats_connected", "1 while the NATS link is up.", 1 if self._nats_connected() else 0)
+        yield counter("connections_opened", "WebSocket connections accepted.", s.connections_opened)
+        yield counter("nats_messages_received", "Messages received from NATS.", s.messages_received)
+        yield counter(
+            "nats_messages_filtered",
+            "Messages not forwarded because the subject policy denies them.",
+            s.filtered,
+        )
+        yield counter("frames_sent", "WebSocket frames sent to clients.", s.frames_sent)
+        yield counter("bytes_sent", "WebSocket payload bytes sent to clients.", s.bytes_sent)
+        yield counter("messages_dropped", "Frames dropped for slow clients (drop_oldest policy).", s.dropped)
+        yield counter(
+            "slow_consumer_disconnects",
+            "Clients closed with 1013 for falling behind.",
+            s.slow_consumer_disconnects,
+        )
+        yield counter(
+            "rate_limit_disconnects",
+            "Clients closed with 1008 for flooding control frames.",
+            s.rate_limit_disconnects,
+        )
+        yield counter("published", "Messages published from browsers.", s.published)
+        yield counter("nats_reconnects", "Times the NATS link came back.", link.nats_reconnects)
+        yield counter("nats_disconnects", "Times the NATS link was lost.", link.nats_disconnects)
+
+        yield counter("token_expiries", "Connections closed with 4001: the token expired unrefreshed.",
+                      s.token_expiries)
+        refreshes = CounterMetricFamily(
+            "bridge_token_refreshes", "Token refreshes on open connections, by result.", labels=["result"]
+        )
+        for result in ("ok", "refused"):
+            refreshes.add_metric([result], s.token_refreshes[result])
+        yield refreshes
+
+        js = m.jetstream
+        calls = CounterMetricFamily(
+            "bridge_jetstream_api_calls", "JetStream API requests the bridge made, by call.", labels=["call"]
+        )
+        for call, n in sorted(js.calls.items()):
+            calls.add_metric([call], n)
+        yield calls
+        consumers = GaugeMetricFamily(
+            "bridge_jetstream_consumers", "JetStream consumers held now: live feeds and history readers.",
+            labels=["kind"],
+        )
+        consumers.add_metric(["feed"], js.consumers.feeds)
+        consumers.add_metric(["reader"], js.consumers.readers)
+        yield consumers
+
+        bad = CounterMetricFamily(
+            "bridge_bad_frames", "Control frames answered with an error (a ping over the rate: left "
+            "unanswered), by kind.", labels=["kind"]
+        )
+        for kind, n in sorted(s.bad_frames.items()):
+            bad.add_metric([kind], n)
+        yield bad
+        refused = CounterMetricFamily(
+            "bridge_handshake_refusals",
+            "Requests refused before the upgrade (or at the control API), by reason.",
+            labels=["reason"],
+        )
+        for reason, n in sorted(link.refusals.items()):
+            refused.add_metric([reason], n)
+        yield refused
+
+
+def make_registry(
+    manager: WSSManager, link: LinkStats, nats_connected: Callable[[], bool]
+) -> CollectorRegistry:
+    # A registry per app, not prometheus_client's global one: tests build many apps.
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(BridgeCollector(manager, link, nats_connected))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
+
+
+def merge(texts: Sequence[str]) -> list[Metric]:
+    """Several processes' exposition texts as one: every sample summed over them.
+
+    Every bridge metric is a count (of connections, subscriptions, frames,
+    links up), so the host's value is the sum of its workers'.
+    """
+    families: dict[str, Metric] = {}
+    sums: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            if family.name not in families:
+                families[family.name] = Metric(family.name, family.documentation, family.type)
+                sums[family.name] = {}
+            totals = sums[family.name]
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                totals[key] = totals.get(key, 0.0) + sample.value
+    for name, family in families.items():
+        for (sample_name, labels), value in sums[name].items():
+            family.add_sample(sample_name, dict(labels), value)
+    return list(families.values())
+
+
+def workers_families(count: int, reporting: int) -> list[Metric]:
+    return [
+        GaugeMetricFamily("bridge_workers", "Worker processes configured on this host (WORKERS).",
+                          value=count),
+        GaugeMetricFamily("bridge_workers_reporting",
+                          "Workers whose metrics are in this scrape (fewer while one restarts).",
+                          value=reporting),
+    ]
+
+
+class _Fixed:
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self._families = list(families)
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
+
+
+def render_families(families: Iterable[Metric]) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed(families))
+    return generate_latest(registry)
