@@ -3,7 +3,7 @@
 #            -e NATS_URL=nats://host.docker.internal:4222 nats-ws-bridge    (one line)
 # (Loopback only until AUTH_TOKENS or JWT is set: without them anyone who reaches the
 # port may subscribe; without CONTROL_TOKENS, anyone may use the control API.)
-# Every setting is an env var (see README.md); docker-compose.yml wires a NATS server too.
+# Every setting is an env var (see docs/operations.md); docker-compose.yml wires a NATS server too.
 
 # --- build: the runtime dependencies, in a virtualenv ------------------------
 FROM python:3.11-slim AS build
@@ -40,9 +40,10 @@ COPY --from=build /opt/venv /opt/venv
 
 WORKDIR /app
 
-# The code (main.py, handler.py, config.py, metrics.py: every module beside
-# them) and the page, owned by root and read-only to the service user.
-COPY *.py ./
+# The code (main.py and handler.py, the bridge package) and the page, owned by
+# root and read-only to the service user.
+COPY main.py handler.py ./
+COPY bridge/ ./bridge/
 COPY static/ ./static/
 
 USER 10001:10001

@@ -405,6 +405,3 @@ class WSSManager:
             for s in subjects
         ]
 
-
-# The aiohttp application's key to this process's manager (routes, the control plane, metrics).
-MANAGER = web.AppKey("manager", WSSManager)

@@ -35,7 +35,8 @@ from bridge.process.logs import AccessLog, configure_logging
 from bridge.process.metrics import LINK, REGISTRY
 from bridge.process.workers import WORKER, Worker
 from bridge.web import access, control_api, headers, routes
-from handler import MANAGER, WSSManager
+from bridge.web.routes import MANAGER
+from handler import WSSManager
 
 logger = logging.getLogger("bridge")
 
@@ -88,9 +89,10 @@ def create_app(config: Config, worker: Worker = workers.LONE) -> panini_app.App:
     app.task(interval=HEARTBEAT)(manager.registry.check_feeds)
 
     web_app.cleanup_ctx.append(keys.lifecycle)  # a bad key fails the start before NATS is tried
-    web_app.cleanup_ctx.append(nats_link.nats_link)  # first in, last out: NATS outlives the rest
+    # First in, last out: NATS outlives the rest.
+    web_app.cleanup_ctx.append(partial(nats_link.nats_link, on_status=manager.broadcast))
     if config.create_stream and worker.index == 1:
-        web_app.cleanup_ctx.append(demo.demo_stream)
+        web_app.cleanup_ctx.append(partial(demo.demo_stream, jetstream=manager.jetstream))
     web_app.cleanup_ctx.append(plane.lifecycle)
     web_app.cleanup_ctx.append(siblings.private_site)
     web_app.cleanup_ctx.append(panini_tasks)

@@ -34,7 +34,7 @@ from bridge.config import Config
 from bridge.core.permissions import DEFAULT_CONTROL_SUBJECT
 from bridge.plane.control_plane import PLANE
 from bridge.process.logs import AccessLog
-from handler import MANAGER
+from bridge.web.routes import MANAGER
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,17 +11,20 @@ payload is bounded and must be JSON, text or base64 (core/frames.py).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
 
-from bridge.config import Limits
 from bridge.core.frames import BadFrame, publish_payload, reply
-from bridge.core.permissions import SubjectPolicy
-from bridge.core.stats import Stats
 from bridge.core.subjects import subject_error
-from bridge.hub.session import Session
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NATS
+
+    from bridge.config import Limits
+    from bridge.core.permissions import SubjectPolicy
+    from bridge.core.stats import Stats
+    from bridge.hub.session import Session
 
 
 class Publisher:

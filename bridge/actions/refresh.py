@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bridge.core.frames import BadFrame, reply
-from bridge.core.permissions import SubjectPolicy
-from bridge.core.stats import Stats
-from bridge.core.tokens import TokenError, Verifier
-from bridge.hub.lifetime import TokenLifetime
-from bridge.hub.registry import Registry
-from bridge.hub.session import Session
+from bridge.core.tokens import TokenError
+
+if TYPE_CHECKING:
+    from bridge.core.permissions import SubjectPolicy
+    from bridge.core.stats import Stats
+    from bridge.core.tokens import Verifier
+    from bridge.hub.lifetime import TokenLifetime
+    from bridge.hub.registry import Registry
+    from bridge.hub.session import Session
 
 logger = logging.getLogger(__name__)
 

@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bridge.core.delivery import denied
 from bridge.core.frames import encode_nats_message, reply, text_frame
-from bridge.core.history import HistoryError, HistorySpec
-from bridge.core.permissions import SubjectPolicy
-from bridge.hub.registry import Registry
-from bridge.hub.session import Session
+from bridge.core.history import HistoryError
 from bridge.jetstream import reading
-from bridge.jetstream.api import JetStream, JetStreamError, StreamInfo
-from bridge.jetstream.reading import Plan
+from bridge.jetstream.api import JetStreamError
+
+if TYPE_CHECKING:
+    from bridge.core.history import HistorySpec
+    from bridge.core.permissions import SubjectPolicy
+    from bridge.hub.registry import Registry
+    from bridge.hub.session import Session
+    from bridge.jetstream.api import JetStream, StreamInfo
+    from bridge.jetstream.reading import Plan
 
 logger = logging.getLogger(__name__)
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from bridge.core.frames import CLOSE_TOKEN_EXPIRED
-from bridge.core.stats import Stats
-from bridge.hub.session import Session
+
+if TYPE_CHECKING:
+    from bridge.core.stats import Stats
+    from bridge.hub.session import Session
 
 logger = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from bridge.config import OVERFLOW_DROP_OLDEST, Limits
+from bridge.config import OVERFLOW_DROP_OLDEST
 from bridge.core.frames import (
     CLOSE_INTERNAL_ERROR,
     CLOSE_TRY_AGAIN_LATER,
@@ -29,7 +29,10 @@ from bridge.core.frames import (
     dropped_frame,
     json_frame,
 )
-from bridge.core.stats import Stats
+
+if TYPE_CHECKING:
+    from bridge.config import Limits
+    from bridge.core.stats import Stats
 
 logger = logging.getLogger(__name__)
 

@@ -13,19 +13,25 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
-from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
 
-from bridge.config import Limits
 from bridge.core.delivery import Rule
-from bridge.core.permissions import SubjectPolicy
-from bridge.core.stats import Stats
 from bridge.core.subjects import patterns_overlap
-from bridge.hub.session import Session, Subscription
+from bridge.hub.session import Subscription
 from bridge.hub.topic import Topic
-from bridge.jetstream.api import JetStream, JetStreamError, StreamInfo, storing
+from bridge.jetstream.api import JetStreamError, storing
 from bridge.jetstream.feed import LiveFeed
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NATS
+
+    from bridge.config import Limits
+    from bridge.core.permissions import SubjectPolicy
+    from bridge.core.stats import Stats
+    from bridge.hub.session import Session
+    from bridge.jetstream.api import JetStream, StreamInfo
 
 logger = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from bridge.core.budget import ControlBudget
-from bridge.core.permissions import Permissions
-from bridge.core.tokens import Identity
 
 if TYPE_CHECKING:
+    from bridge.core.permissions import Permissions
+    from bridge.core.tokens import Identity
     from bridge.hub.outbox import Outbox
     from bridge.jetstream.reading import Plan
 

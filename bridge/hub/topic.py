@@ -18,14 +18,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-
-from bridge.core.delivery import Rule
 from bridge.core.frames import CLOSE_TRY_AGAIN_LATER, encode_nats_message, text_frame
-from bridge.core.stats import Stats
 
 if TYPE_CHECKING:
+    from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription
+
+    from bridge.core.delivery import Rule
+    from bridge.core.stats import Stats
     from bridge.hub.outbox import Outbox
     from bridge.jetstream.feed import LiveFeed
 

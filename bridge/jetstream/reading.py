@@ -28,19 +28,15 @@ import logging
 import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bridge.core.history import HistoryError, HistorySpec
-from bridge.jetstream.api import (
-    FETCH_BATCH,
-    JetStream,
-    JetStreamError,
-    Stored,
-    StreamInfo,
-    start_after,
-    start_at_time,
-)
-from bridge.jetstream.feed import LiveFeed
+from bridge.core.history import HistoryError
+from bridge.jetstream.api import FETCH_BATCH, JetStreamError, start_after, start_at_time
+
+if TYPE_CHECKING:
+    from bridge.core.history import HistorySpec
+    from bridge.jetstream.api import JetStream, Stored, StreamInfo
+    from bridge.jetstream.feed import LiveFeed
 
 logger = logging.getLogger(__name__)
 

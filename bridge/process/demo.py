@@ -20,8 +20,7 @@ from panini import app as panini_app
 
 from bridge import panini_workarounds
 from bridge.config import CONFIG, TEST_SUBJECT
-from bridge.jetstream.api import JetStreamError
-from handler import MANAGER
+from bridge.jetstream.api import JetStream, JetStreamError
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +50,12 @@ def register(app: panini_app.App, interval: float) -> None:
             await nc.publish(TEST_SUBJECT, json.dumps(test_message()).encode())
 
 
-async def demo_stream(web_app: web.Application) -> AsyncIterator[None]:
+async def demo_stream(web_app: web.Application, jetstream: JetStream) -> AsyncIterator[None]:
     """aiohttp cleanup context: CREATE_STREAM's stream, made if it does not exist."""
     config = web_app[CONFIG]
     name, _, subjects = config.create_stream.partition(":")
     try:
-        created = await web_app[MANAGER].jetstream.ensure_stream(
+        created = await jetstream.ensure_stream(
             name, subjects.split(","), config.create_stream_max_msgs, config.create_stream_max_age)
         logger.info("stream %s %s for %s", name, "created" if created else "already exists", subjects)
     except JetStreamError as exc:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from aiohttp import web
 from nats.aio.client import Client as NATS
@@ -23,7 +24,6 @@ from bridge.config import CONFIG, StartupError
 from bridge.core.redaction import redact_url
 from bridge.panini_workarounds import PANINI
 from bridge.process.metrics import LINK
-from handler import MANAGER
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +34,13 @@ DRAIN_TIMEOUT = 1.5
 CLOSE_TIMEOUT = 1.0
 
 
-async def nats_link(web_app: web.Application) -> AsyncIterator[None]:
-    """aiohttp cleanup context: connect Panini's NATS client, let it go at the very end."""
-    app, config, manager, link = web_app[PANINI], web_app[CONFIG], web_app[MANAGER], web_app[LINK]
+async def nats_link(web_app: web.Application,
+                    on_status: Callable[[dict[str, Any]], None]) -> AsyncIterator[None]:
+    """aiohttp cleanup context: connect Panini's NATS client, let it go at the very end.
+
+    ``on_status`` hears each loss and return of the link, as a status frame for every client.
+    """
+    app, config, link = web_app[PANINI], web_app[CONFIG], web_app[LINK]
     connected = False
     attempts = 0
     nc: NATS | None = None
@@ -57,13 +61,13 @@ async def nats_link(web_app: web.Application) -> AsyncIterator[None]:
         if connected and nc is not None and not nc.is_closed and not nc.is_draining:
             link.nats_disconnects += 1
             logger.warning("NATS connection lost; reconnecting")
-            manager.broadcast({"success": False, "type": "status", "nats": "disconnected",
+            on_status({"success": False, "type": "status", "nats": "disconnected",
                                "message": "NATS connection lost; reconnecting"})
 
     async def reconnected_cb() -> None:
         link.nats_reconnects += 1
         logger.info("NATS connection restored (%s)", _server(nc))
-        manager.broadcast({"success": True, "type": "status", "nats": "connected",
+        on_status({"success": True, "type": "status", "nats": "connected",
                            "message": "NATS connection restored"})
 
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -11,7 +12,13 @@ from bridge.process import metrics, nats_link, siblings
 from bridge.process.metrics import LINK
 from bridge.process.workers import WORKER
 from bridge.web.access import Refused, identify, origin_allowed, refuse, refused
-from handler import MANAGER
+
+if TYPE_CHECKING:
+    from handler import WSSManager
+
+# The app's key to this process's WSSManager: declared here, where connections are
+# handed to it, so that nothing in the package imports the top-level handler.
+MANAGER: web.AppKey[WSSManager] = web.AppKey("manager")
 
 # The page and the client library: static/ at the top of the repository.
 STATIC_DIR = Path(__file__).resolve().parents[2] / "static"
