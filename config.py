@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -55,8 +56,23 @@ class ConfigError(ValueError):
     """A setting has a value we cannot use; reported as one line, no traceback."""
 
 
+# Exit codes, the same for every way a start can fail (an orchestrator tells them apart):
+# 2, a bad setting: the operator must change it, and restarting as configured cannot help
+# (argparse's own code for bad arguments); 1, a runtime failure: what was configured is
+# fine but not there now (NATS down, a port taken, keys not fetchable), and a restart may work.
+EXIT_BAD_SETTING = 2
+EXIT_RUNTIME = 1
+
+
 class StartupError(RuntimeError):
-    """The service cannot start (NATS unreachable, a key unusable); the message is the one line shown."""
+    """The service cannot start (NATS unreachable, a key unusable); the message is the one line shown.
+
+    ``exit_code``: EXIT_RUNTIME unless the cause is a setting's value (EXIT_BAD_SETTING).
+    """
+
+    def __init__(self, message: str, exit_code: int = EXIT_RUNTIME) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 # -- parsers: text in, value out; on bad input ValueError("expected ...") ------
@@ -213,6 +229,21 @@ def _stream_spec(text: str) -> str:
 
 
 _HOST_PATTERN = re.compile(r"\*|[a-z0-9_*-]+(\.[a-z0-9_*-]+)*")
+_HOST_NAME = re.compile(r"[A-Za-z0-9_-]{1,63}(\.[A-Za-z0-9_-]{1,63})*\.?")
+
+
+def _bind_host(text: str) -> str:
+    """An IP address or a host name to bind.  Checked here because a malformed name
+    (``a..b``, a 64-character label) fails inside getaddrinfo's IDNA step with a traceback."""
+    host = text.strip()
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    if len(host) > 253 or not _HOST_NAME.fullmatch(host):
+        raise ValueError("expected an IP address or a host name, like 0.0.0.0, :: or localhost")
+    return host
 
 
 def _hosts(text: str) -> tuple[str, ...]:
@@ -282,7 +313,7 @@ class Config:
         "Panini service name; the NATS client name starts with it",
     )
     # HTTP
-    http_host: str = opt("0.0.0.0", "HTTP_HOST", _text, "address the HTTP server binds")
+    http_host: str = opt("0.0.0.0", "HTTP_HOST", _bind_host, "address the HTTP server binds")
     http_port: int = opt(5001, "HTTP_PORT", _port, "port of the page, /stream and the HTTP API")
     test_publish_interval: float = opt(
         1.0,
