@@ -117,6 +117,54 @@ def test_help_lists_setting_env_var(finished_runs, env_var):
     assert env_var in output
 
 
+# The sections of Config (its comments), in its order; a few settings each must be under.
+HELP_SECTIONS = {
+    "options": ["--help"],
+    "NATS": ["--nats-url", "--nats-connect-timeout"],
+    "HTTP": ["--http-host", "--http-port"],
+    "who may connect": ["--allowed-origins", "--auth-tokens", "--jwt-secret", "--max-connections"],
+    "what they may do": ["--subject-allow", "--publish-allow", "--control-rate"],
+    "history (JetStream)": ["--max-history", "--create-stream"],
+    "slow clients": ["--client-queue-messages", "--ping-interval"],
+    "beyond one process": ["--workers", "--control-subject"],
+    "logs": ["--log-level", "--log-format"],
+}
+
+
+def help_sections(output: str) -> dict[str, str]:
+    """--help's sections: each heading (a line `title:`) and the text under it."""
+    sections: dict[str, str] = {}
+    title = None
+    for line in output.splitlines():
+        if line.endswith(":") and not line.startswith(" "):
+            title = line[:-1]
+            sections[title] = ""
+        elif title is not None:
+            sections[title] += line + "\n"
+    return sections
+
+
+def test_help_shows_the_settings_in_sections_in_order(finished_runs):
+    _, output = finished_runs["help"]
+    assert list(help_sections(output)) == list(HELP_SECTIONS), output
+
+
+@pytest.mark.parametrize("section", HELP_SECTIONS)
+def test_help_section_lists_its_settings(finished_runs, section):
+    _, output = finished_runs["help"]
+    flags = re.findall(r"^  (--[a-z-]+|-h, --help)", help_sections(output)[section], re.M)
+    for expected in HELP_SECTIONS[section]:
+        assert any(expected in f for f in flags), (section, flags)
+
+
+def test_help_lists_every_setting_under_its_declared_section(finished_runs):
+    _, output = finished_runs["help"]
+    sections = help_sections(output)
+    for f in dataclasses.fields(main.Config):
+        flag = "--" + f.name.replace("_", "-")
+        assert re.search(rf"^  {flag} ", sections[f.metadata["group"]], re.M), (flag, f.metadata["group"])
+
+
 @pytest.mark.parametrize(
     ("env_var", "default"),
     [
