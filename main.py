@@ -22,9 +22,17 @@ from aiohttp import web
 from panini import app as panini_app
 
 from bridge import panini_workarounds
-from bridge.config import CONFIG, Config, ConfigError, StartupError, load_config
+from bridge.config import (
+    CONFIG,
+    EXIT_BAD_SETTING,
+    EXIT_RUNTIME,
+    Config,
+    ConfigError,
+    StartupError,
+    load_config,
+)
 from bridge.core.frames import CLOSE_GOING_AWAY
-from bridge.core.redaction import redact
+from bridge.core.redaction import redact, scrub
 from bridge.core.stats import LinkStats
 from bridge.jetstream.api import HEARTBEAT
 from bridge.panini_workarounds import PANINI
@@ -124,15 +132,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(argv)
     except ConfigError as exc:
         print(f"main.py: error: {redact(str(exc))}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_SETTING
     configure_logging(config.log_level, config.log_format)
     try:
         sockets = workers.listen(config.http_host, config.http_port, config.workers)
+    except socket.gaierror as exc:
+        # HTTP_HOST names no address.  A bad setting (2), like any other, unless the lookup
+        # could not be made just now (EAI_AGAIN: a DNS server down), which a restart may
+        # cure (1).  (os.strerror knows nothing of resolver codes: "Unknown error -2".)
+        print(f"main.py: error: HTTP_HOST={config.http_host!r}: cannot resolve host "
+              f"{config.http_host!r}: {exc.strerror}", file=sys.stderr)
+        return EXIT_RUNTIME if exc.errno == socket.EAI_AGAIN else EXIT_BAD_SETTING
     except OSError as exc:
+        # The address is fine but cannot be had now (taken, or not on this host yet): runtime (1).
         where = f"{config.http_host}:{config.http_port}"
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         print(f"main.py: error: cannot serve on {where}: {reason}", file=sys.stderr)
-        return 1
+        return EXIT_RUNTIME
     if config.workers == 1:
         return serve(config, sockets[0])
     return workers.supervise(sockets, partial(serve, config))
@@ -170,9 +186,11 @@ def serve(config: Config, sock: socket.socket, worker: Worker = workers.LONE,
             access_log_class=AccessLog,
         )
     except StartupError as exc:
-        # The message may name a URL given with its password (NATS_URL, JWT_JWKS).
-        print(f"main.py: error: {redact(str(exc))}", file=sys.stderr)
-        return 1
+        # The message may name a URL given with its password (NATS_URL, JWT_JWKS), and quote
+        # what a server answered: credentials hidden, one line whatever it holds.  With
+        # WORKERS > 1 this is a worker's exit code, and the supervisor exits with it (workers.py).
+        print(f"main.py: error: {scrub(str(exc))}", file=sys.stderr)
+        return exc.exit_code
     logger.info("stopped")
     return 0
 

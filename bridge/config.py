@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -63,8 +64,23 @@ class ConfigError(ValueError):
     """A setting has a value we cannot use; reported as one line, no traceback."""
 
 
+# Exit codes, the same for every way a start can fail (an orchestrator tells them apart):
+# 2, a bad setting: the operator must change it, and restarting as configured cannot help
+# (argparse's own code for bad arguments); 1, a runtime failure: what was configured is
+# fine but not there now (NATS down, a port taken, keys not fetchable), and a restart may work.
+EXIT_BAD_SETTING = 2
+EXIT_RUNTIME = 1
+
+
 class StartupError(RuntimeError):
-    """The service cannot start (NATS unreachable, a key unusable); the message is the one line shown."""
+    """The service cannot start (NATS unreachable, a key unusable); the message is the one line shown.
+
+    ``exit_code``: EXIT_RUNTIME unless the cause is a setting's value (EXIT_BAD_SETTING).
+    """
+
+    def __init__(self, message: str, exit_code: int = EXIT_RUNTIME) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 # -- parsers: text in, value out; on bad input ValueError("expected ...") ------
@@ -221,6 +237,21 @@ def _stream_spec(text: str) -> str:
 
 
 _HOST_PATTERN = re.compile(r"\*|[a-z0-9_*-]+(\.[a-z0-9_*-]+)*")
+_HOST_NAME = re.compile(r"[A-Za-z0-9_-]{1,63}(\.[A-Za-z0-9_-]{1,63})*\.?")
+
+
+def _bind_host(text: str) -> str:
+    """An IP address or a host name to bind.  Checked here because a malformed name
+    (``a..b``, a 64-character label) fails inside getaddrinfo's IDNA step with a traceback."""
+    host = text.strip()
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    if len(host) > 253 or not _HOST_NAME.fullmatch(host):
+        raise ValueError("expected an IP address or a host name, like 0.0.0.0, :: or localhost")
+    return host
 
 
 def _hosts(text: str) -> tuple[str, ...]:
@@ -258,8 +289,22 @@ def _log_level(text: str) -> str:
     return _choice("debug", "info", "warning", "error", "critical")(text).upper()
 
 
-def opt(default: Any, env: str, parse: Callable[[str], Any], help: str, secret: bool = False) -> Any:
-    return field(default=default, metadata={"env": env, "parse": parse, "help": help, "secret": secret})
+# The sections of the settings, in --help's order: each setting names its own (its
+# ``group``), so the one table still feeds flags, env vars, --help and the README.
+GROUP_NATS = "NATS"
+GROUP_HTTP = "HTTP"
+GROUP_WHO = "who may connect"
+GROUP_WHAT = "what they may do"
+GROUP_HISTORY = "history (JetStream)"
+GROUP_SLOW = "slow clients"
+GROUP_SCALE = "beyond one process"
+GROUP_LOGS = "logs"
+
+
+def opt(default: Any, env: str, parse: Callable[[str], Any], help: str, secret: bool = False, *,
+        group: str) -> Any:
+    return field(default=default,
+                 metadata={"env": env, "parse": parse, "help": help, "secret": secret, "group": group})
 
 
 @dataclass(frozen=True)
@@ -270,33 +315,44 @@ class Config:
         "NATS_URL",
         _nats_urls,
         "NATS server URLs, comma-separated; the bridge fails over between them",
+        group=GROUP_NATS,
     )
     nats_connect_timeout: float = opt(
         30.0,
         "NATS_CONNECT_TIMEOUT",
         _positive_seconds,
         "seconds to keep trying to reach NATS at start before giving up",
+        group=GROUP_NATS,
     )
     nats_reconnect_wait: float = opt(
         1.0,
         "NATS_RECONNECT_WAIT",
         _positive_seconds,
         "seconds between attempts to (re)connect to a NATS server",
+        group=GROUP_NATS,
     )
     service_name: str = opt(
         "async_NATS_WSS_bridge",
         "SERVICE_NAME",
         _text,
         "Panini service name; the NATS client name starts with it",
+        group=GROUP_NATS,
     )
     # HTTP
-    http_host: str = opt("0.0.0.0", "HTTP_HOST", _text, "address the HTTP server binds")
-    http_port: int = opt(5001, "HTTP_PORT", _port, "port of the page, /stream and the HTTP API")
+    http_host: str = opt(
+        "0.0.0.0", "HTTP_HOST", _bind_host, "address the HTTP server binds",
+        group=GROUP_HTTP,
+    )
+    http_port: int = opt(
+        5001, "HTTP_PORT", _port, "port of the page, /stream and the HTTP API",
+        group=GROUP_HTTP,
+    )
     test_publish_interval: float = opt(
         1.0,
         "TEST_PUBLISH_INTERVAL",
         _seconds,
         f"seconds between test messages on {TEST_SUBJECT}; 0 turns it off",
+        group=GROUP_HTTP,
     )
     # Who may connect
     allowed_origins: tuple[str, ...] = opt(
@@ -306,6 +362,7 @@ class Config:
         "extra browser Origins allowed, comma-separated, wildcards "
         "like https://*.example.com; '*' allows any. Same-origin "
         "and Origin-less clients are always allowed",
+        group=GROUP_WHO,
     )
     allowed_hosts: tuple[str, ...] = opt(
         (),
@@ -314,6 +371,7 @@ class Config:
         "host names the bridge answers to without AUTH_TOKENS or JWT, comma-separated, wildcards like "
         "*.example.com; '*' allows any. IP addresses and localhost always work; other Host headers get "
         "421 (stops DNS rebinding). With AUTH_TOKENS or JWT any Host is served",
+        group=GROUP_WHO,
     )
     auth_tokens: tuple[str, ...] = opt(
         (),
@@ -321,77 +379,108 @@ class Config:
         _list,
         "tokens clients must present (Bearer header, ?token= or "
         "bridge_token cookie), comma-separated; empty: no auth",
+        group=GROUP_WHO,
     )
     jwt_secret: str = opt(
         "", "JWT_SECRET", _secret,
         "HMAC key for HS256/384/512 connection tokens (at least 32 bytes); any JWT_* key set "
         "means every connection needs a valid JWT", secret=True,
+        group=GROUP_WHO,
     )
     jwt_public_key: str = opt(
         "", "JWT_PUBLIC_KEY", _file,
         "path of a PEM public key (RSA: RS/PS*, EC: ES*, Ed25519/Ed448: EdDSA) for connection tokens",
+        group=GROUP_WHO,
     )
     jwt_jwks: str = opt(
         "", "JWT_JWKS", _file_or_https,
         "path of a JWKS file, or an https URL fetched at start and refreshed; the token's kid picks the key",
+        group=GROUP_WHO,
     )
     jwt_jwks_refresh: float = opt(
         300.0, "JWT_JWKS_REFRESH", _positive_seconds,
         "seconds between re-reads of JWT_JWKS (a token with an unknown kid also triggers one)",
+        group=GROUP_WHO,
     )
-    jwt_audience: str = opt("", "JWT_AUDIENCE", _optional_text, "required aud of connection tokens")
-    jwt_issuer: str = opt("", "JWT_ISSUER", _optional_text, "required iss of connection tokens")
-    jwt_leeway: float = opt(0.0, "JWT_LEEWAY", _seconds, "seconds of clock skew allowed for exp and nbf")
+    jwt_audience: str = opt(
+        "", "JWT_AUDIENCE", _optional_text, "required aud of connection tokens",
+        group=GROUP_WHO,
+    )
+    jwt_issuer: str = opt(
+        "", "JWT_ISSUER", _optional_text, "required iss of connection tokens",
+        group=GROUP_WHO,
+    )
+    jwt_leeway: float = opt(
+        0.0, "JWT_LEEWAY", _seconds, "seconds of clock skew allowed for exp and nbf",
+        group=GROUP_WHO,
+    )
     jwt_refresh_lead: float = opt(
         30.0, "JWT_REFRESH_LEAD", _seconds,
         "seconds before a token's exp that the client is sent token_expiring",
+        group=GROUP_WHO,
     )
     control_tokens: tuple[str, ...] = opt(
         (), "CONTROL_TOKENS", _list,
         "backend credentials for the control API (Bearer), comma-separated; required for it "
         "when AUTH_TOKENS or JWT is set", secret=True,
+        group=GROUP_WHO,
     )
     max_connections: int = opt(
-        10_000, "MAX_CONNECTIONS", _count, "open WebSockets per process; more are refused with HTTP 503"
+        10_000, "MAX_CONNECTIONS", _count, "open WebSockets per process; more are refused with HTTP 503",
+        group=GROUP_WHO,
     )
     max_connections_per_user: int = opt(
         50, "MAX_CONNECTIONS_PER_USER", _count,
         "open WebSockets one user (the JWT's sub) may hold, counted per process (with WORKERS=N, up to N "
         "times this on a host); more are refused with HTTP 429",
+        group=GROUP_WHO,
     )
     # What they may do
     subject_allow: tuple[str, ...] = opt(
         (">",), "SUBJECT_ALLOW", _template_patterns,
         "subject patterns clients may subscribe within; {sub} stands for the token's sub",
+        group=GROUP_WHAT,
     )
     subject_deny: tuple[str, ...] = opt(
         (), "SUBJECT_DENY", _patterns,
         "subject patterns never forwarded, even through wildcards, on top of the built-in protected ones "
         f"({','.join(DEFAULT_DENY)}), which always apply",
+        group=GROUP_WHAT,
     )
     dangerously_unprotect_subjects: tuple[str, ...] = opt(
         (), "DANGEROUSLY_UNPROTECT_SUBJECTS", _protected_patterns,
         "built-in protected patterns to open to browsers (within SUBJECT_ALLOW and PUBLISH_ALLOW), "
         "comma-separated, each spelled exactly as listed under SUBJECT_DENY; logged as a warning at start. "
         "$JS.> opens JetStream's API (deleting streams), _INBOX.> every app's replies",
+        group=GROUP_WHAT,
     )
     publish_allow: tuple[str, ...] = opt(
         (), "PUBLISH_ALLOW", _template_patterns,
         "subject patterns clients may publish to ({sub}: the token's sub); empty: publish off",
+        group=GROUP_WHAT,
     )
     max_publish_bytes: int = opt(
-        64 * 1024, "MAX_PUBLISH_BYTES", _count, "largest payload a client may publish"
+        64 * 1024, "MAX_PUBLISH_BYTES", _count, "largest payload a client may publish",
+        group=GROUP_WHAT,
     )
-    max_subscriptions: int = opt(100, "MAX_SUBSCRIPTIONS", _count, "subjects one client may hold")
+    max_subscriptions: int = opt(
+        100, "MAX_SUBSCRIPTIONS", _count, "subjects one client may hold",
+        group=GROUP_WHAT,
+    )
     max_subjects_per_request: int = opt(
-        50, "MAX_SUBJECTS_PER_REQUEST", _count, "subjects in one subscribe/unsubscribe request"
+        50, "MAX_SUBJECTS_PER_REQUEST", _count, "subjects in one subscribe/unsubscribe request",
+        group=GROUP_WHAT,
     )
-    max_subject_length: int = opt(256, "MAX_SUBJECT_LENGTH", _count, "longest subject accepted, in bytes")
+    max_subject_length: int = opt(
+        256, "MAX_SUBJECT_LENGTH", _count, "longest subject accepted, in bytes",
+        group=GROUP_WHAT,
+    )
     max_frame_bytes: int = opt(
         64 * 1024,
         "MAX_FRAME_BYTES",
         _count,
         "largest control frame from a client; larger ones close it with 1009",
+        group=GROUP_WHAT,
     )
     control_rate: float = opt(
         20.0,
@@ -399,45 +488,55 @@ class Config:
         _rate,
         "control frames per second per client, WebSocket pings and pongs included (burst of the same "
         "size); over it: error replies (no pong), then close 1008 if it goes on",
+        group=GROUP_WHAT,
     )
     # History (JetStream)
     max_history: int = opt(
         1000, "MAX_HISTORY", _count,
         "most stored messages one subscribe's history may send; a resume needing more "
         "answers recovered: false",
+        group=GROUP_HISTORY,
     )
     max_stored_subjects: int = opt(
         20, "MAX_STORED_SUBJECTS", _count,
         "subjects from JetStream streams one connection may follow at once (each costs the bridge a "
         "JetStream consumer)",
+        group=GROUP_HISTORY,
     )
     max_stored_subjects_per_user: int = opt(
         100, "MAX_STORED_SUBJECTS_PER_USER", _count,
         "distinct subjects from JetStream streams one user (JWT sub) may follow at once over all their "
         "connections to this process",
+        group=GROUP_HISTORY,
     )
     max_jetstream_consumers: int = opt(
         500, "MAX_JETSTREAM_CONSUMERS", _count,
         "JetStream consumers this process holds at once: live feeds take at most 80%, history readers "
         "90%; a stream's own max_consumers is shared the same way, the rest left to other applications",
+        group=GROUP_HISTORY,
     )
     create_stream: str = opt(
         "", "CREATE_STREAM", _stream_spec,
         "NAME:subject,subject: create this JetStream stream at start if it does not exist "
         "(make run: DEMO:test.subject,demo.>); empty: never create streams",
+        group=GROUP_HISTORY,
     )
     create_stream_max_msgs: int = opt(
-        10_000, "CREATE_STREAM_MAX_MSGS", _count, "messages the CREATE_STREAM stream keeps"
+        10_000, "CREATE_STREAM_MAX_MSGS", _count, "messages the CREATE_STREAM stream keeps",
+        group=GROUP_HISTORY,
     )
     create_stream_max_age: float = opt(
-        3600.0, "CREATE_STREAM_MAX_AGE", _positive_seconds, "seconds the CREATE_STREAM stream keeps a message"
+        3600.0, "CREATE_STREAM_MAX_AGE", _positive_seconds,
+        "seconds the CREATE_STREAM stream keeps a message", group=GROUP_HISTORY,
     )
     # Slow clients
     client_queue_messages: int = opt(
-        10_000, "CLIENT_QUEUE_MESSAGES", _count, "frames one client may have waiting to be sent"
+        10_000, "CLIENT_QUEUE_MESSAGES", _count, "frames one client may have waiting to be sent",
+        group=GROUP_SLOW,
     )
     client_queue_bytes: int = opt(
-        8 * 1024 * 1024, "CLIENT_QUEUE_BYTES", _count, "bytes one client may have waiting to be sent"
+        8 * 1024 * 1024, "CLIENT_QUEUE_BYTES", _count, "bytes one client may have waiting to be sent",
+        group=GROUP_SLOW,
     )
     client_queue_overflow: str = opt(
         OVERFLOW_DISCONNECT,
@@ -445,40 +544,50 @@ class Config:
         _choice(OVERFLOW_DISCONNECT, OVERFLOW_DROP_OLDEST),
         "past the queue bound: 'disconnect' (close 1013) or "
         "'drop_oldest' (drop and tell the client how many)",
+        group=GROUP_SLOW,
     )
     flush_delay: float = opt(0.0, "FLUSH_DELAY", _seconds,
                              "seconds to gather frames under sustained traffic before writing them; "
                              "0: write every event-loop turn (lowest latency); 0.05 cut CPU per message "
-                             "by 60% in the W1 benchmark, at that much latency")
+                             "by 60% in the W1 benchmark, at that much latency", group=GROUP_SLOW)
     ping_interval: float = opt(
-        20.0, "PING_INTERVAL", _seconds, "seconds of silence before the server pings a client; 0: never"
+        20.0, "PING_INTERVAL", _seconds, "seconds of silence before the server pings a client; 0: never",
+        group=GROUP_SLOW,
     )
     pong_timeout: float = opt(
-        10.0, "PONG_TIMEOUT", _positive_seconds, "seconds to wait for the pong before closing a dead client"
+        10.0, "PONG_TIMEOUT", _positive_seconds, "seconds to wait for the pong before closing a dead client",
+        group=GROUP_SLOW,
     )
     # Beyond one process
     workers: int = opt(
         1, "WORKERS", _workers,
         "processes serving HTTP_PORT together (SO_REUSEPORT), each with its own NATS connection; "
         "auto: one per core this process may use",
+        group=GROUP_SCALE,
     )
     control_subject: str = opt(
         DEFAULT_CONTROL_SUBJECT, "CONTROL_SUBJECT", _concrete_subject,
         "subject prefix of the control plane on NATS, where every bridge process takes control "
         "commands; never open to browsers",
+        group=GROUP_SCALE,
     )
     control_timeout: float = opt(
         0.5, "CONTROL_TIMEOUT", _positive_seconds,
         "seconds a control command waits for the other bridge processes' answers",
+        group=GROUP_SCALE,
     )
     control_heartbeat: float = opt(
         1.0, "CONTROL_HEARTBEAT", _positive_seconds,
         "seconds between a bridge process's announcements on the control plane; one silent for 3 of "
         "them is no longer waited for",
+        group=GROUP_SCALE,
     )
     # Logs
-    log_level: str = opt("INFO", "LOG_LEVEL", _log_level, "DEBUG, INFO, WARNING or ERROR")
-    log_format: str = opt("text", "LOG_FORMAT", _choice("text", "json"), "text or json (one object a line)")
+    log_level: str = opt("INFO", "LOG_LEVEL", _log_level, "DEBUG, INFO, WARNING or ERROR", group=GROUP_LOGS)
+    log_format: str = opt(
+        "text", "LOG_FORMAT", _choice("text", "json"), "text or json (one object a line)",
+        group=GROUP_LOGS,
+    )
 
     @property
     def jwt_enabled(self) -> bool:
@@ -535,12 +644,17 @@ def shown(value: Any) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="main.py",
+        # Not every flag again (40 lines): they are listed below, by section.
+        usage="%(prog)s [-h] [--SETTING VALUE ...]",
         description="NATS ⇄ WebSocket bridge. Every flag can also be set by its env var; "
         "a flag wins over the env var.",
     )
+    groups: dict[str, Any] = {}  # section -> its argparse argument group
     for f in dataclasses.fields(Config):
         meta = f.metadata
-        parser.add_argument(
+        if meta["group"] not in groups:  # created in the table's order
+            groups[meta["group"]] = parser.add_argument_group(meta["group"])
+        groups[meta["group"]].add_argument(
             flag(f),
             dest=f.name,
             metavar=meta["env"],

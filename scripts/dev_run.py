@@ -1,7 +1,9 @@
 """`make run`: the bridge on :5001, with a local nats-server if none is configured or listening.
 
 The terminal shows the bridge's own log lines and, once it is ready, the URL to
-open and a command that publishes a message of your own.  nats-server's output
+open and a command that publishes a message of your own, worked out from the
+settings it runs with (a subject SUBJECT_ALLOW allows, ?token= and how to mint
+one when JWT is on; see ``hints``).  nats-server's output
 goes to .run/nats-server.log.  Publishing from the page is on for `demo.>`
 (unless PUBLISH_ALLOW says otherwise), so its Publish box works out of the box,
 and a small stream DEMO stores test.subject and demo.> (unless CREATE_STREAM
@@ -26,13 +28,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bridge.config import ConfigError, load_config  # noqa: E402
+from bridge.config import TEST_SUBJECT, Config, ConfigError, load_config  # noqa: E402
+from bridge.core.permissions import SUB_TEMPLATE, expand  # noqa: E402
+from bridge.core.subjects import subject_matches  # noqa: E402
 
 RUN_DIR = ROOT / ".run"
 NATS_LOG = RUN_DIR / "nats-server.log"
 NATS_HOST, NATS_PORT, NATS_MONITOR_PORT = "127.0.0.1", 4222, 8222
 DEMO_PUBLISH = "demo.>"
 DEMO_STREAM = "DEMO:test.subject,demo.>"
+# The user the hints mint a token for when JWT is on ({sub} in SUBJECT_ALLOW/PUBLISH_ALLOW becomes this).
+DEMO_USER = "alice"
+DEMO_DATA = '{"text": "hello"}'
 
 
 def say(text: str) -> None:
@@ -91,13 +98,86 @@ def page_url(host: str, port: int) -> str:
     return f"http://{shown}:{port}/"
 
 
-def main() -> int:
-    args = sys.argv[1:]
-    env = dict(os.environ)
+def effective_config(args: list[str], environ: dict[str, str]) -> tuple[Config, dict[str, str]]:
+    """The bridge's settings as `make run` starts it (its demo defaults under env and ARGS), and its env."""
+    env = dict(environ)
     env.setdefault("PUBLISH_ALLOW", DEMO_PUBLISH)
     env.setdefault("CREATE_STREAM", DEMO_STREAM)
+    return load_config(args, env), env
+
+
+def _concrete(pattern: str) -> str:
+    """A subject ``pattern`` matches: each wildcard becomes a plain token."""
+    return ".".join("hello" if token in ("*", ">") else token for token in pattern.split("."))
+
+
+def hints(config: Config, url: str, python: str) -> list[str]:
+    """What to do first, for the settings the bridge really runs with.
+
+    Each subject suggested passes the bridge's own checks (permissions.py) for
+    that configuration, so a new user's first try is not refused: fixed hints
+    (``test.subject``, ``demo.>``, no token) were wrong as soon as SUBJECT_ALLOW,
+    PUBLISH_ALLOW, AUTH_TOKENS or JWT said otherwise.  Secrets (AUTH_TOKENS,
+    JWT_SECRET) are never printed: a terminal may be recorded or shared.
+    """
+    user = DEMO_USER if config.jwt_enabled else None
+    policy = config.policy
+    perms = policy.for_user(user)
+    lines = []
+    open_url = url
+    if config.jwt_enabled:
+        open_url += "?token=TOKEN"
+        if config.jwt_secret:
+            mint = [python, "scripts/mint_token.py", DEMO_USER]
+            mint += ["--aud", config.jwt_audience] if config.jwt_audience else []
+            mint += ["--iss", config.jwt_issuer] if config.jwt_issuer else []
+            lines.append(f"JWT is on: the page needs a token; mint one for {DEMO_USER} in another terminal "
+                         f"with the same JWT_SECRET set there: {shlex.join(mint)}")
+        else:
+            lines.append("JWT is on: the page needs a token signed with the key in JWT_PUBLIC_KEY/JWT_JWKS "
+                         "(from your own issuer)")
+    elif config.auth_tokens:
+        open_url += "?token=TOKEN"
+        lines.append("AUTH_TOKENS is set: the page needs one of them as TOKEN")
+    # What to follow: the live test feed (if it runs), the demo subjects, the allow list's own
+    # patterns, and only then the firehose.
+    allowed = expand(config.subject_allow, user)
+    live = [TEST_SUBJECT] if config.test_publish_interval > 0 else []
+    candidates = [*live, "demo.>", *(a for a in allowed if a != ">"), TEST_SUBJECT, *allowed]
+    followable = list(dict.fromkeys(p for p in candidates if perms.subscribe_refusal(p) is None))
+    if not followable:
+        needs_user = "; {sub} needs a user, so JWT" if user is None and any(
+            SUB_TEMPLATE in a for a in config.subject_allow) else ""
+        lines.append(f"ready. Open {open_url}; no subject can be followed with SUBJECT_ALLOW="
+                     f"{','.join(config.subject_allow)} (SUBJECT_DENY and the protected subjects apply too"
+                     f"{needs_user})")
+    else:
+        example = json.dumps({"subjects": [followable[0]], "action": "subscribe"}, separators=(",", ":"))
+        lines.append(f"ready. Open {open_url} and send {example}")
+    # The script publishes on NATS directly: the page sees a subject through a subscription it may
+    # hold, unless a deny list filters the subject out message by message.
+    seen = [(s, p) for s in ["demo.hello", *map(_concrete, followable)] for p in followable
+            if subject_matches(p, s) and policy.permits(s)]
+    if seen:
+        subject, pattern = seen[0]
+        publish = shlex.join([python, "scripts/publish.py", subject, DEMO_DATA])
+        lines.append(f"publish a message of your own (subscribe to {pattern} to see it): {publish}")
+    publishable = [s for s in ["demo.hello", *map(_concrete, expand(config.publish_allow, user))]
+                   if perms.publish_refusal(s) is None]
+    allow = f"PUBLISH_ALLOW={','.join(config.publish_allow)}"
+    if publishable:
+        lines.append(f"the page's Publish box may publish to {publishable[0]} ({allow})")
+    else:
+        why = (f"{allow} allows no subject that SUBJECT_DENY and the protected subjects leave open"
+               if config.publish_allow else "PUBLISH_ALLOW is empty")
+        lines.append(f"publishing from the page is off: {why}")
+    return lines
+
+
+def main() -> int:
+    args = sys.argv[1:]
     try:
-        config = load_config(args, env)
+        config, env = effective_config(args, dict(os.environ))
     except ConfigError as exc:
         print(f"make run: error: {exc}", file=sys.stderr)
         return 2
@@ -114,11 +194,8 @@ def main() -> int:
     try:
         url = page_url(config.http_host, config.http_port)
         if wait_ready(bridge, f"http://127.0.0.1:{config.http_port}/", config.nats_connect_timeout + 5):
-            example = json.dumps({"subjects": ["test.subject"], "action": "subscribe"}, separators=(",", ":"))
-            publish = shlex.join([os.path.relpath(sys.executable, Path.cwd()), "scripts/publish.py",
-                                  "demo.hello", '{"text": "hello"}'])
-            say(f"ready. Open {url} and send {example}")
-            say(f"publish a message of your own (subscribe to demo.> to see it): {publish}")
+            for line in hints(config, url, os.path.relpath(sys.executable, Path.cwd())):
+                say(line)
             say("Ctrl-C stops the bridge" + (" and nats-server" if nats else ""))
         return bridge.wait()
     except KeyboardInterrupt:

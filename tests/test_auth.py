@@ -498,20 +498,34 @@ async def connect_url(ws_factory: Any, url: str, token: str) -> Any:
     return await ws_factory(url, headers=bearer(token))
 
 
+def private_pem() -> bytes:
+    return rsa_key().private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+# A bad key setting is a bad setting: exit 2, as for every other (main.py, config.EXIT_BAD_SETTING).
+# A value ("setting", b"...") is written to a file first, and the setting is its path.
 @pytest.mark.parametrize(("env", "words", "code"), [
-    ({"JWT_PUBLIC_KEY": "PRIVATE"}, "holds a private key", 1),
+    ({"JWT_PUBLIC_KEY": ("private.pem", private_pem)}, "holds a private key", 2),
+    ({"JWT_PUBLIC_KEY": ("key.pem", lambda: b"not a key\n")}, "not a PEM public key or certificate", 2),
+    ({"JWT_JWKS": ("jwks.json", lambda: b'{"keys": [\n  {"kty": "RSA",}]}')},
+     "not a JSON document (line 2 column 17", 2),
+    ({"JWT_JWKS": ("jwks.json", lambda: b"\xff\xfe\x00garbage")}, "not a JSON document", 2),
+    ({"JWT_JWKS": ("jwks.json", lambda: b'{"kid": "k1"}')}, 'a JWKS is a JSON object {"keys": [...]}', 2),
     ({"JWT_SECRET": SECRET, "AUTH_TOKENS": "a,b"}, "cannot both be set", 2),
     ({"JWT_SECRET": "short-secret"}, "at least 32 bytes", 2),
     ({"JWT_AUDIENCE": "bridge"}, "need a key", 2),
     ({"JWT_JWKS": "http://keys.example/jwks.json"}, "https", 2),
-], ids=["private-key", "jwt-and-auth-tokens", "short-secret", "audience-without-key", "plain-http-jwks"])
+], ids=["private-key", "not-a-pem", "jwks-not-json", "jwks-not-text", "jwks-without-keys",
+        "jwt-and-auth-tokens", "short-secret", "audience-without-key", "plain-http-jwks"])
 async def test_unusable_key_setting_stops_the_start_with_one_line(tmp_path, nats_server, bridge_process, env,
                                                                    words, code):
-    if env.get("JWT_PUBLIC_KEY") == "PRIVATE":
-        path = tmp_path / "private.pem"
-        path.write_bytes(rsa_key().private.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-        env = {"JWT_PUBLIC_KEY": str(path)}
+    env = dict(env)
+    for name, value in env.items():
+        if isinstance(value, tuple):
+            path = tmp_path / value[0]
+            path.write_bytes(value[1]())
+            env[name] = str(path)
     bp = bridge_process(env={"NATS_URL": nats_server.url, **env}, wait=False)
     output, _ = await asyncio.to_thread(bp.proc.communicate, timeout=30)
     returncode = bp.proc.returncode
@@ -519,6 +533,18 @@ async def test_unusable_key_setting_stops_the_start_with_one_line(tmp_path, nats
     assert returncode == code, output
     assert len(lines) == 1 and words in lines[0], output
     assert "short-secret" not in output  # a secret is never echoed
+
+
+async def test_bad_key_file_with_workers_exits_2_as_a_lone_process_does(tmp_path, nats_server,
+                                                                        bridge_process):
+    path = tmp_path / "key.pem"
+    path.write_bytes(b"not a key\n")
+    bp = bridge_process(env={"NATS_URL": nats_server.url, "JWT_PUBLIC_KEY": str(path), "WORKERS": "2"},
+                        wait=False)
+    output, _ = await asyncio.to_thread(bp.proc.communicate, timeout=30)
+    assert bp.proc.returncode == 2, output
+    assert f"main.py: error: JWT_PUBLIC_KEY={path}: not a PEM public key or certificate" in output, output
+    assert "Traceback" not in output
 
 
 # ---------------------------------------------------------------------------

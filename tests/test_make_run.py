@@ -1,19 +1,26 @@
-"""`make run` as a person runs it: what it prints, and the publish command it suggests really works."""
+"""`make run` as a person runs it: what it prints, and every hint it prints (subscribe, publish, token)
+really works with the settings it runs with."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import importlib.util
+import json
 import os
 import re
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from conftest import ROOT, TIMEOUT, free_port
+from minting import SECRET
 
 
 @pytest.fixture
@@ -88,3 +95,114 @@ async def test_make_run_stops_cleanly_on_ctrl_c(make_run):
     output = "".join(make_run["lines"]) + rest
     assert "Traceback" not in output, output
     assert any(line.endswith("bridge: stopped") for line in output.splitlines()), output
+
+
+# ---------------------------------------------------------------------------
+# The hints follow the configuration: every one is tried on a bridge with those settings
+# ---------------------------------------------------------------------------
+
+
+def load_dev_run() -> Any:
+    spec = importlib.util.spec_from_file_location("dev_run", ROOT / "scripts" / "dev_run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+dev_run = load_dev_run()
+
+HINT_CONFIGS = {
+    # id: (ARGS, env) as `make run` would get them
+    "defaults": ([], {}),
+    # README's worked example, with an audience the minted token must carry.
+    "jwt-per-user": ([], {"JWT_SECRET": SECRET, "SUBJECT_ALLOW": "user.{sub}.>,public.>",
+                          "PUBLISH_ALLOW": "user.{sub}.>", "JWT_AUDIENCE": "bridge"}),
+    "auth-tokens-orders-only": (["--publish-allow", ""], {"AUTH_TOKENS": "dev-token-1,dev-token-2",
+                                                           "SUBJECT_ALLOW": "orders.*"}),
+    "demo-denied": (["--subject-deny", "demo.>"], {"TEST_PUBLISH_INTERVAL": "0"}),
+}
+
+
+@dataclass
+class Hinted:
+    lines: list[str]
+    client: Any
+    nats_url: str
+
+    def find(self, pattern: str) -> re.Match[str] | None:
+        return next((m for m in map(re.compile(pattern).search, self.lines) if m), None)
+
+
+async def follow_hints(key: str, nats_server: Any, bridge_factory: Any, ws_factory: Any) -> Hinted:
+    """`make run`'s hints for one configuration, and a page opened as they say on a bridge with it."""
+    args, env = HINT_CONFIGS[key]
+    config, _ = dev_run.effective_config(args, env)
+    lines = dev_run.hints(config, "http://localhost:5001/", sys.executable)
+    settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    settings.update(nats_url=nats_server.url, http_host="127.0.0.1", http_port=0, create_stream="",
+                    test_publish_interval=0, nats_connect_timeout=10,
+                    service_name=f"bridge_hints_{os.getpid()}_{time.monotonic_ns()}")
+    bridge = await bridge_factory(**settings)
+    hinted = Hinted(lines, None, nats_server.url)
+    opened = hinted.find(r"Open (http://\S+?)(\?token=TOKEN)?[ ;,]")
+    assert opened, lines
+    query = ""
+    if config.jwt_enabled or config.auth_tokens:
+        # Without the token the page is refused: the hint must say how to open it.
+        assert opened.group(2), lines
+        mint = hinted.find(r"mint one .*?: (.+)$")
+        if config.jwt_enabled:
+            assert mint, lines
+            done = await asyncio.to_thread(subprocess.run, shlex.split(mint.group(1)), cwd=ROOT,
+                                           capture_output=True, text=True, timeout=TIMEOUT,
+                                           env={**os.environ, "JWT_SECRET": config.jwt_secret})
+            assert done.returncode == 0, done.stderr
+            query = "?token=" + done.stdout.strip()
+        else:
+            assert hinted.find(r"AUTH_TOKENS"), lines
+            query = "?token=" + config.auth_tokens[0]
+    else:
+        assert not opened.group(2), lines
+    hinted.client = await ws_factory(f"{bridge.ws_url}{query}")
+    return hinted
+
+
+@pytest.mark.parametrize("key", HINT_CONFIGS)
+async def test_make_run_hint_subscribe_example_is_accepted(key, nats_server, bridge_factory, ws_factory):
+    hinted = await follow_hints(key, nats_server, bridge_factory, ws_factory)
+    example = hinted.find(r"and send (\{.*\})$")
+    assert example, hinted.lines
+    reply = await hinted.client.request(json.loads(example.group(1)))
+    assert reply["success"], (hinted.lines, reply)
+
+
+@pytest.mark.parametrize("key", HINT_CONFIGS)
+async def test_make_run_hint_publish_command_reaches_the_page(key, nats_server, bridge_factory, ws_factory):
+    hinted = await follow_hints(key, nats_server, bridge_factory, ws_factory)
+    hint = hinted.find(r"subscribe to (\S+) to see it\): (.+)$")
+    assert hint, hinted.lines
+    await hinted.client.subscribe(hint.group(1))
+    command = shlex.split(hint.group(2))
+    done = await asyncio.to_thread(subprocess.run, command, cwd=ROOT, capture_output=True, text=True,
+                                   timeout=TIMEOUT, env={**os.environ, "NATS_URL": hinted.nats_url})
+    assert done.returncode == 0, done.stderr
+    frame = await hinted.client.receive_message()
+    assert frame["subject"] == command[2]
+
+
+@pytest.mark.parametrize("key", HINT_CONFIGS)
+async def test_make_run_hint_on_page_publishing_is_true(key, nats_server, bridge_factory, ws_factory):
+    hinted = await follow_hints(key, nats_server, bridge_factory, ws_factory)
+    allowed = hinted.find(r"Publish box may publish to (\S+)")
+    off = hinted.find(r"publishing from the page is off")
+    assert bool(allowed) != bool(off), hinted.lines
+    subject = allowed.group(1) if allowed else "demo.hello"
+    reply = await hinted.client.request({"action": "publish", "subject": subject, "data": "hi"})
+    assert reply["success"] is bool(allowed), (hinted.lines, reply)
+
+
+def test_make_run_hints_say_when_nothing_can_be_followed():
+    config, _ = dev_run.effective_config([], {"SUBJECT_ALLOW": "user.{sub}.>"})
+    lines = dev_run.hints(config, "http://localhost:5001/", "python")
+    assert any("no subject can be followed" in line and "JWT" in line for line in lines), lines
+    assert not any("send {" in line or "publish.py" in line for line in lines), lines

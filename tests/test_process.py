@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import re
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 from conftest import (
     ROOT,
     TIMEOUT,
@@ -24,7 +27,9 @@ from conftest import (
     wait_for_port,
 )
 
+import main
 from bridge.config import Config
+from bridge.process import nats_link
 
 # The four names other tools rely on, plus the rest of the core's settings.
 CORE_SETTINGS = [
@@ -73,6 +78,8 @@ BAD_SETTINGS = {
     # Only the built-in protected patterns, each spelled exactly, can be unprotected.
     "unprotect-not-a-built-in": ((), {"DANGEROUSLY_UNPROTECT_SUBJECTS": "internal.>"},
                                  "DANGEROUSLY_UNPROTECT_SUBJECTS"),
+    # Not a name at all: getaddrinfo's IDNA step would fail with a traceback.
+    "host-empty-label": ((), {"HTTP_HOST": "bridge..example"}, "HTTP_HOST"),
 }
 
 
@@ -109,6 +116,54 @@ def test_help_exits_0(finished_runs):
 def test_help_lists_setting_env_var(finished_runs, env_var):
     _, output = finished_runs["help"]
     assert env_var in output
+
+
+# The sections of Config (its comments), in its order; a few settings each must be under.
+HELP_SECTIONS = {
+    "options": ["--help"],
+    "NATS": ["--nats-url", "--nats-connect-timeout"],
+    "HTTP": ["--http-host", "--http-port"],
+    "who may connect": ["--allowed-origins", "--auth-tokens", "--jwt-secret", "--max-connections"],
+    "what they may do": ["--subject-allow", "--publish-allow", "--control-rate"],
+    "history (JetStream)": ["--max-history", "--create-stream"],
+    "slow clients": ["--client-queue-messages", "--ping-interval"],
+    "beyond one process": ["--workers", "--control-subject"],
+    "logs": ["--log-level", "--log-format"],
+}
+
+
+def help_sections(output: str) -> dict[str, str]:
+    """--help's sections: each heading (a line `title:`) and the text under it."""
+    sections: dict[str, str] = {}
+    title = None
+    for line in output.splitlines():
+        if line.endswith(":") and not line.startswith(" "):
+            title = line[:-1]
+            sections[title] = ""
+        elif title is not None:
+            sections[title] += line + "\n"
+    return sections
+
+
+def test_help_shows_the_settings_in_sections_in_order(finished_runs):
+    _, output = finished_runs["help"]
+    assert list(help_sections(output)) == list(HELP_SECTIONS), output
+
+
+@pytest.mark.parametrize("section", HELP_SECTIONS)
+def test_help_section_lists_its_settings(finished_runs, section):
+    _, output = finished_runs["help"]
+    flags = re.findall(r"^  (--[a-z-]+|-h, --help)", help_sections(output)[section], re.M)
+    for expected in HELP_SECTIONS[section]:
+        assert any(expected in f for f in flags), (section, flags)
+
+
+def test_help_lists_every_setting_under_its_declared_section(finished_runs):
+    _, output = finished_runs["help"]
+    sections = help_sections(output)
+    for f in dataclasses.fields(main.Config):
+        flag = "--" + f.name.replace("_", "-")
+        assert re.search(rf"^  {flag} ", sections[f.metadata["group"]], re.M), (flag, f.metadata["group"])
 
 
 @pytest.mark.parametrize(
@@ -281,6 +336,105 @@ def test_taken_port_exits_within_2_s_with_one_line():
     assert returncode == 1, output
     assert elapsed < 2, f"took {elapsed:.1f} s"
     assert lines_of(output) == [f"main.py: error: cannot serve on 127.0.0.1:{port}: Address already in use"]
+
+
+def test_unresolvable_http_host_says_so_in_one_line():
+    env = {"HTTP_HOST": "no-such-host.invalid", "NATS_URL": f"nats://127.0.0.1:{free_port()}"}
+    returncode, output = finish(spawn_bridge(env=env), timeout=20)
+    lines = lines_of(output)
+    assert len(lines) == 1 and "Traceback" not in output, output
+    assert lines[0].startswith("main.py: error: HTTP_HOST='no-such-host.invalid': "
+                               "cannot resolve host 'no-such-host.invalid': "), output
+    # A name that does not exist is a bad setting (2); only a resolver that could not be
+    # asked (no DNS server reachable where the suite runs) is a runtime failure (1).
+    assert returncode == (1 if "Temporary failure" in lines[0] else 2), output
+
+
+# ---------------------------------------------------------------------------
+# NATS_URL pointing at something that is not NATS
+# ---------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def tcp_server(greeting: bytes | None) -> AsyncIterator[int]:
+    """A TCP server on a free port that sends ``greeting`` on connect (None: says nothing, ever)."""
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if greeting is not None:
+            writer.write(greeting)
+        with contextlib.suppress(OSError):
+            await reader.read()  # until the peer leaves
+        writer.close()
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+@asynccontextmanager
+async def http_server() -> AsyncIterator[int]:
+    runner = web.AppRunner(web.Application())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()
+
+
+async def run_against(nats_url: str, timeout: str) -> tuple[int, str]:
+    bp = spawn_bridge(env={"NATS_URL": nats_url, "NATS_CONNECT_TIMEOUT": timeout,
+                           "NATS_RECONNECT_WAIT": "0.5"})
+    try:
+        return await asyncio.to_thread(finish, bp, 30)
+    finally:
+        bp.stop(signal.SIGKILL, timeout=10)
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in lines_of(output) if line.startswith("main.py: error:")]
+
+
+async def test_nats_url_at_an_http_server_stops_the_start_naming_what_answered():
+    # NATS_CONNECT_TIMEOUT far beyond finish's 30 s: a bridge that waited it out fails the test.
+    async with http_server() as port:
+        returncode, output = await run_against(f"nats://127.0.0.1:{port}", "300")
+    assert returncode == 1, output
+    assert error_lines(output) == [lines_of(output)[-1]], output
+    assert lines_of(output)[-1].startswith(
+        f"main.py: error: NATS_URL=nats://127.0.0.1:{port}: not a NATS server: it answered 'HTTP/1."), output
+    assert "Traceback" not in output, output
+
+
+async def test_nats_url_at_a_server_with_another_greeting_stops_the_start_quoting_it_escaped():
+    async with tcp_server(b"SSH-2.0-OpenSSH_9.6\x1b[2J\r\n") as port:
+        returncode, output = await run_against(f"nats://127.0.0.1:{port}", "300")
+    assert returncode == 1, output
+    assert lines_of(output)[-1] == (f"main.py: error: NATS_URL=nats://127.0.0.1:{port}: not a NATS server: "
+                                    "it answered 'SSH-2.0-OpenSSH_9.6\\x1b[2J' (set NATS_URL / --nats-url)")
+    assert "\x1b" not in output, output  # what a server sends never drives the terminal
+
+
+async def test_nats_url_at_a_silent_port_warns_each_attempt_with_a_reason():
+    async with tcp_server(None) as port:
+        returncode, output = await run_against(f"nats://127.0.0.1:{port}", "3")
+    attempts = [line for line in lines_of(output) if "not reachable (attempt" in line]
+    assert attempts, output
+    assert all("no NATS greeting (INFO)" in line for line in attempts), output
+    assert returncode == 1 and "cannot reach NATS" in lines_of(output)[-1], output
+
+
+async def test_a_non_nats_server_beside_a_nats_server_in_nats_url_is_no_reason_to_stop(nats_server):
+    # Checked on the probe itself: in a whole start the connect to the real server usually
+    # wins the race and the probe's verdict is never asked for.
+    async with tcp_server(b"SSH-2.0-OpenSSH_9.6\r\n") as port:
+        other = f"nats://127.0.0.1:{port}"
+        alone = await asyncio.wait_for(nats_link.not_nats([other]), TIMEOUT)
+        beside = await asyncio.wait_for(nats_link.not_nats([other, nats_server.url]), TIMEOUT)
+    assert alone == "not a NATS server: it answered 'SSH-2.0-OpenSSH_9.6'"
+    assert beside is None
 
 
 # ---------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from bridge.config import Config, StartupError
+from bridge.config import EXIT_BAD_SETTING, EXIT_RUNTIME, Config, StartupError
 from bridge.core.tokens import BadKey, Verifier, VerifyingKey, algorithms_for, jwks_keys
 
 logger = logging.getLogger(__name__)
@@ -32,11 +32,32 @@ UNKNOWN_KID_REFETCH = 30.0
 
 
 class KeyLoadError(StartupError):
-    """A configured key cannot be used; the message is the one line the operator sees."""
+    """A configured key cannot be used; the message is the one line the operator sees.
+
+    A bad setting (exit 2) unless said otherwise: a key file of the operator's that is
+    not a usable key stays so however often the bridge restarts.
+    """
+
+    def __init__(self, message: str, exit_code: int = EXIT_BAD_SETTING) -> None:
+        super().__init__(message, exit_code)
+
+
+def jwks_problem(exc: BaseException) -> str:
+    """What is wrong with a JWKS that could not be read, in words (a timeout's own text is empty)."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"not a JSON document (line {exc.lineno} column {exc.colno}: {exc.msg})"
+    if isinstance(exc, UnicodeDecodeError):
+        return "not a JSON document (its bytes are not Unicode text)"
+    if isinstance(exc, OSError) and exc.strerror and not isinstance(exc, aiohttp.ClientError):
+        return exc.strerror
+    return str(exc) or type(exc).__name__
 
 
 def load_public_key(path: str) -> VerifyingKey:
-    data = Path(path).read_bytes()
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:  # checked readable at start, but it may have gone since
+        raise KeyLoadError(f"JWT_PUBLIC_KEY={path}: {exc.strerror or exc}") from None
     if b"PRIVATE KEY" in data:
         raise KeyLoadError(f"JWT_PUBLIC_KEY={path}: holds a private key; give the bridge the public key only")
     try:
@@ -74,7 +95,11 @@ class KeyStore:
             try:
                 self._jwks = await self._read_jwks()
             except (OSError, ValueError, aiohttp.ClientError, TimeoutError) as exc:
-                raise KeyLoadError(f"JWT_JWKS={config.jwt_jwks}: {exc or type(exc).__name__}") from None
+                # A file is the operator's to fix (2); an https JWKS that cannot be fetched or used
+                # now is a runtime failure (1): its server may answer, or answer better, later.
+                remote = config.jwt_jwks.startswith("https://")
+                raise KeyLoadError(f"JWT_JWKS={config.jwt_jwks}: {jwks_problem(exc)}",
+                                   EXIT_RUNTIME if remote else EXIT_BAD_SETTING) from None
         self.verifier = Verifier(
             secret=config.jwt_secret.encode() if config.jwt_secret else None,
             public_keys=self._static + self._jwks,
@@ -91,7 +116,8 @@ class KeyStore:
                 resp.raise_for_status()
                 document = await resp.json(content_type=None)
         else:
-            document = json.loads(await asyncio.to_thread(Path(source).read_text))
+            # Bytes: json.loads finds the encoding of a JSON text itself (UTF-8, -16 or -32).
+            document = json.loads(await asyncio.to_thread(Path(source).read_bytes))
         self._jwks_loaded_at = time.monotonic()
         try:
             return jwks_keys(document)
@@ -104,7 +130,7 @@ class KeyStore:
             keys = await self._read_jwks()
         except (OSError, ValueError, aiohttp.ClientError, TimeoutError) as exc:
             logger.warning("JWKS refresh from %s failed, keeping %d keys: %s",
-                           self._config.jwt_jwks, len(self._jwks), exc or type(exc).__name__)
+                           self._config.jwt_jwks, len(self._jwks), jwks_problem(exc))
             return
         if {k.kid for k in keys} != {k.kid for k in self._jwks}:
             kids = sorted(str(k.kid) for k in keys)

@@ -171,12 +171,36 @@ def token_valid(given: str | None, tokens: Sequence[str]) -> bool:
 
 
 def refuse(
-    request: web.Request, refusals: Counter[str], reason: str, status: int, message: str
+    request: web.Request, refusals: Counter[str], reason: str, status: int, message: str,
+    log: str | None = None,
 ) -> web.Response:
-    """The plain HTTP answer to a refused request, counted by ``reason``."""
+    """The plain HTTP answer to a refused request, counted by ``reason``.
+
+    ``log``: what the operator's log line says instead of ``message``, when the operator
+    needs more than the client is told (what was refused and which setting would allow it).
+    """
     refusals[reason] += 1
-    logger.info("refused %s from %s: %s", request.path, request.remote, message)
+    logger.info("refused %s from %s: %s", request.path, request.remote, log or message)
     return web.json_response({"success": False, "message": message}, status=status)
+
+
+ORIGIN_SHOWN = 200  # characters of a refused Origin in the log: the header is the client's, of any size
+
+
+def origin_refusal(origin: str) -> str:
+    """The log line's words for a refused Origin: which one, and the setting that would let it in.
+
+    Only the log says it: the page that was refused is told no more than "Forbidden" (the
+    body is readable cross-origin, and the settings are none of an attacker's business).
+    The log formatter escapes the header's control characters (logs.py).
+    """
+    shown = origin[:ORIGIN_SHOWN] + ("..." if len(origin) > ORIGIN_SHOWN else "")
+    if origin.strip().lower() == "null":
+        # Sandboxed iframes, file:// pages and some redirects all send "null": allowing it
+        # allows every one of them.
+        return ("Origin null (a sandboxed or file:// page) is not allowed; ALLOWED_ORIGINS=null "
+                "would let in every such page")
+    return f"Origin {shown} is not allowed (add it to ALLOWED_ORIGINS)"
 
 
 class Refused(Exception):

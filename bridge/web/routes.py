@@ -11,7 +11,7 @@ from bridge.config import CONFIG
 from bridge.process import metrics, nats_link, siblings
 from bridge.process.metrics import LINK
 from bridge.process.workers import WORKER
-from bridge.web.access import Refused, identify, origin_allowed, refuse, refused
+from bridge.web.access import Refused, identify, origin_allowed, origin_refusal, refuse, refused
 
 if TYPE_CHECKING:
     from handler import WSSManager
@@ -31,8 +31,11 @@ async def index(request: web.Request) -> web.FileResponse:
 async def stream(request: web.Request) -> web.StreamResponse:
     """The WebSocket: refused with a plain HTTP answer before the upgrade, or served."""
     config, manager, link = request.app[CONFIG], request.app[MANAGER], request.app[LINK]
-    if not origin_allowed(request.headers.get("Origin"), request.host, config.allowed_origins):
-        return refuse(request, link.refusals, "origin", 403, "Forbidden: this Origin may not connect")
+    origin = request.headers.get("Origin")
+    if not origin_allowed(origin, request.host, config.allowed_origins):
+        # (A request without Origin is always allowed: ``origin`` is the header here.)
+        return refuse(request, link.refusals, "origin", 403, "Forbidden: this Origin may not connect",
+                      log=origin_refusal(origin or ""))
     try:
         user = identify(request)
     except Refused as exc:
