@@ -106,7 +106,16 @@ const client = new BridgeClient(new URL("stream", window.location.href).pathname
 // Connection state
 // ---------------------------------------------------------------------------
 
-const conn = { everConnected: false, failures: 0, dropReason: "", retryAt: 0, tick: null };
+const conn = {
+  everConnected: false,
+  failures: 0, // handshakes failed in a row
+  dropReason: "",
+  refusal: null, // what the bridge answered the last failed handshake over HTTP ("refused")
+  retryAt: 0,
+  tick: null,
+  expiresAt: 0, // the token's exp (Unix seconds), while its warning counts down
+  expiryTick: null,
+};
 
 const STATE_TEXT = {
   connecting: "Connecting…",
@@ -119,6 +128,7 @@ function setState(state, text) {
   ui.connState.dataset.state = state;
   ui.connState.textContent = text || STATE_TEXT[state];
   ui.connToggle.textContent = state === "closed" ? "Connect" : "Disconnect";
+  ui.connToggle.hidden = false;
   ui.connRetry.hidden = !(state === "reconnecting" && conn.tick !== null);
 }
 
@@ -128,9 +138,15 @@ function setNats(state, message) {
   ui.natsState.title = message || "";
 }
 
-function setDetail(text, tone) {
+function showDetail(text, tone) {
   ui.connDetail.textContent = text || "";
   ui.connDetail.dataset.tone = tone || "";
+}
+
+function setDetail(text, tone) {
+  clearInterval(conn.expiryTick); // whatever is said now replaces the expiry countdown
+  conn.expiryTick = null;
+  showDetail(text, tone);
 }
 
 // Close codes the bridge sends on purpose (docs/protocol.md), in words.
@@ -154,12 +170,48 @@ function describeClose({ code, reason }) {
   return `The connection closed (code ${code}${why})`;
 }
 
-// A refused handshake (401 no token, 403 other origin, 503 full) looks to a page exactly
-// like a bridge that is down: the socket fails with 1006.  Say what it may be.
+// How to give the page a token: in its address, which it then drops (see TOKEN).
+const WITH_TOKEN = `${window.location.pathname}?token=…`;
+// Statuses with which the bridge refuses a handshake (bridge-client.js "refused").
+const REFUSED = new Set([401, 403, 429, 503]);
+
+// A failed handshake looks to a page exactly like a bridge that is down (the socket fails
+// with 1006); the client then asks the bridge over HTTP, and this says its answer.  Tokens
+// come up only when the bridge asked for one (401): a bridge that is merely restarting must
+// not send a user hunting for a token nobody needs.
+function refusalText({ status, message }) {
+  const said = message ? ` (${clip(message, 200)})` : "";
+  if (status === 401) {
+    return TOKEN
+      ? `The bridge refused the token this page was opened with${said}. Open the page with a valid one: ${WITH_TOKEN}`
+      : `The bridge needs a token${said}. Open this page as ${WITH_TOKEN}`;
+  }
+  if (status === 403) return `The bridge refuses connections from this page${said}.`;
+  if (status === 429 || status === 503) return `The bridge takes no more connections now${said}; the page keeps trying.`;
+  if (status === 0) return "The bridge does not answer: it is down, restarting or out of reach; the page keeps trying.";
+  return "The bridge answers, but the connection failed; the page keeps trying.";
+}
+
+// While the bridge's answer is not known (or cannot be asked for).
 function refusedHint() {
   const what = "It is down, full, or refusing this page.";
-  if (TOKEN) return `${what} The token in this page's address may be wrong.`;
-  return `${what} If this bridge needs a token, open the page as ${window.location.pathname}?token=…`;
+  return TOKEN ? `${what} The token this page was opened with may be wrong or expired.` : what;
+}
+
+function showFailure() {
+  const n = conn.failures;
+  const r = conn.refusal;
+  const refused = r !== null && REFUSED.has(r.status);
+  const why = r ? refusalText(r) : refusedHint();
+  if (!conn.everConnected) {
+    if (n < 2 && !refused) setDetail(`Cannot reach the bridge (attempt ${n}).`);
+    else setDetail(`Cannot connect to the bridge (attempt ${n}). ${why}`, "error");
+    return;
+  }
+  // It was connected before: most likely a restart, so say what ended it first.
+  const loud = refused || n >= 4;
+  const ended = conn.dropReason ? `${conn.dropReason}. ` : "";
+  setDetail(`${ended}Cannot connect yet (attempt ${n}).${loud ? ` ${why}` : ""}`, loud ? "error" : "");
 }
 
 function showCountdown() {
@@ -170,9 +222,11 @@ function showCountdown() {
 client.on("state", (state, detail) => {
   clearInterval(conn.tick);
   conn.tick = null;
+  renderChips(client.subjects()); // "not connected" or not: the chips follow the connection
   if (state === "connected") {
     conn.everConnected = true;
     conn.failures = 0;
+    conn.refusal = null;
     setState("connected");
     // Keep saying why the last connection ended: the reconnect is quick, the cause matters.
     const why = conn.dropReason;
@@ -185,14 +239,19 @@ client.on("state", (state, detail) => {
     return;
   }
   ui.connectionId.textContent = "—";
+  ui.user.hidden = true; // who is signed in belongs to a connection: there is none now
   setNats("unknown");
-  if (detail.code === 4001 || detail.code === 4003) {
-    // Not reconnecting by itself: an expired token stays expired, and a backend meant it.
-    const next = detail.code === 4001
-      ? ` Open this page with a new token (${window.location.pathname}?token=…) to go on.`
-      : " Connect again if you should still be here.";
+  if (detail.expired) {
+    // An expired token stays expired: no Connect button offering it again.
+    setState("closed", "Token expired");
+    ui.connToggle.hidden = true;
+    setDetail(`${describeClose({ code: 4001 })}. This page cannot get a new token by itself: `
+      + `open it again with a new one, as ${WITH_TOKEN}`, "error");
+    return;
+  }
+  if (detail.code === 4003) {
     setState("closed");
-    setDetail(describeClose(detail) + "." + next, "error");
+    setDetail(describeClose(detail) + ". Connect again if you should still be here.", "error");
     return;
   }
   if (detail.closed) {
@@ -208,17 +267,7 @@ client.on("state", (state, detail) => {
     setDetail("This computer is offline; the page reconnects when the network is back.", "error");
   } else {
     conn.failures += 1;
-    if (!conn.everConnected) {
-      const text = conn.failures < 2
-        ? `Cannot reach the bridge (attempt ${conn.failures}).`
-        : `Cannot connect to the bridge (attempt ${conn.failures}). ${refusedHint()}`;
-      setDetail(text, conn.failures >= 2 ? "error" : "");
-    } else {
-      // It was connected before: most likely a restart, so say what ended it first.
-      const more = conn.failures >= 4 ? ` ${refusedHint()}` : "";
-      const why = conn.dropReason || "The bridge could not be reached";
-      setDetail(`${why}. Not reachable yet (attempt ${conn.failures}).${more}`, conn.failures >= 4 ? "error" : "");
-    }
+    showFailure();
   }
   conn.retryAt = detail.retryAt;
   conn.tick = setInterval(showCountdown, 500);
@@ -226,8 +275,15 @@ client.on("state", (state, detail) => {
   ui.connState.title = `attempt ${detail.attempt}`;
 });
 
+// The bridge's own answer to a failed handshake.
+client.on("refused", (result) => {
+  conn.refusal = result;
+  const state = ui.connState.dataset.state;
+  if (conn.failures > 0 && (state === "connecting" || state === "reconnecting")) showFailure();
+});
+
 function until(expiresAt) {
-  return clock(new Date(expiresAt * 1000)).slice(0, 5);
+  return clock(new Date(expiresAt * 1000)).slice(0, 8);
 }
 
 client.on("welcome", (frame) => {
@@ -249,9 +305,27 @@ client.on("status", (frame) => {
 
 client.on("error", (err) => setDetail(String(err.message || err), "error"));
 
+// Seconds under two minutes, minutes and seconds above: "in 45 s", "in 4 min 5 s".
+function timeLeft(seconds) {
+  if (seconds <= 0) return "now";
+  if (seconds < 120) return `in ${seconds} s`;
+  const s = seconds % 60;
+  return `in ${Math.floor(seconds / 60)} min${s ? ` ${s} s` : ""}`;
+}
+
+function showExpiry() {
+  const left = Math.ceil((conn.expiresAt * 1000 - Date.now()) / 1000);
+  showDetail(`Your access token expires ${timeLeft(left)} (at ${until(conn.expiresAt)}); this page cannot `
+    + `renew it. Open the page with a new token (${WITH_TOKEN}) to stay connected.`, "error");
+}
+
 client.on("expiring", (frame) => {
-  setDetail(`Your access token expires at ${until(frame.expires_at)}; this page cannot renew it. `
-    + "Open the page with a new token to stay connected.", "error");
+  const expiresAt = Number(frame.expires_at);
+  if (!Number.isFinite(expiresAt)) return setDetail(String(frame.message ?? "Your access token expires soon."), "error");
+  setDetail("");
+  conn.expiresAt = expiresAt;
+  showExpiry();
+  conn.expiryTick = setInterval(showExpiry, 1000); // counts down until the bridge closes (4001)
 });
 
 ui.connToggle.addEventListener("click", () => {
@@ -266,6 +340,12 @@ ui.connRetry.addEventListener("click", () => client.reconnect());
 
 const CHIP_STATE_TEXT = { pending: "subscribing", removing: "unsubscribing", failed: "not subscribed" };
 
+function chipStateText(state) {
+  // Waiting for a connection is not subscribing: nothing is being asked for.
+  if (state === "pending" && client.state !== "connected") return "not connected";
+  return CHIP_STATE_TEXT[state];
+}
+
 function renderChips(subjects) {
   const focused = document.activeElement?.closest?.(".chip")?.dataset.subject;
   const frag = document.createDocumentFragment();
@@ -274,7 +354,8 @@ function renderChips(subjects) {
     chip.dataset.subject = subject;
     chip.dataset.state = state;
     chip.append(el("span", "chip-subject", subject));
-    if (CHIP_STATE_TEXT[state]) chip.append(el("span", "chip-state", CHIP_STATE_TEXT[state]));
+    const stateText = chipStateText(state);
+    if (stateText) chip.append(el("span", "chip-state", stateText));
     if (error) chip.title = error;
     const remove = el("button", "chip-remove", "×");
     remove.type = "button";
@@ -291,6 +372,7 @@ function renderChips(subjects) {
   }
   ui.chips.replaceChildren(frag);
   ui.noSubs.hidden = subjects.length > 0;
+  updateCounts(); // the empty list names what it waits for
   if (focused) {
     const again = [...ui.chips.children].find((c) => c.dataset.subject === focused);
     again?.querySelector("button:not(:disabled)")?.focus();
@@ -549,6 +631,7 @@ const view = {
   rows: 0, // message rows in the list
   hiddenRows: 0, // of those, hidden by the filter
   match: null,
+  cleared: false, // Clear emptied the list (said while it stays empty)
   frameRequested: false,
   lastDraw: 0,
   arrived: 0, // messages since the last draw
@@ -617,6 +700,9 @@ function draw() {
   if (pending.length) schedule();
 }
 
+// Each row's data as text, for the filter (the rows are bounded, and so is this).
+const rowText = new WeakMap();
+
 function removeRow(row) {
   if (row.classList.contains("msg")) {
     view.rows -= 1;
@@ -640,6 +726,21 @@ function timeEl(at) {
   return time;
 }
 
+const sameDay = (a, b) => a.toDateString() === b.toDateString();
+
+// A stored message shows when it was published (JetStream's time), which for history can be
+// long before it reached the page; the date comes first when it was not today.  The time is
+// the bridge's text: parsed to the millisecond for the clock, kept whole in the datetime.
+function publishedEl(msg) {
+  const published = new Date(Date.parse(msg.time.replace(/(\.\d{3})\d+/, "$1")));
+  if (Number.isNaN(published.getTime())) return null;
+  const date = `${published.getFullYear()}-${two(published.getMonth() + 1)}-${two(published.getDate())} `;
+  const time = el("time", "msg-time published", (sameDay(published, new Date()) ? "" : date) + clock(published));
+  time.dateTime = msg.time;
+  time.title = `Published ${msg.time} (stored by JetStream); reached this page at ${clock(new Date(msg.receivedAt))}`;
+  return time;
+}
+
 function renderItem(item) {
   if (item.gap) {
     const row = el("li", "gap");
@@ -648,7 +749,7 @@ function renderItem(item) {
   }
   const row = renderMessage(item);
   view.rows += 1;
-  if (view.match && !view.match(item.subject)) {
+  if (view.match && !view.match(item.subject, rowText.get(row))) {
     row.hidden = true;
     view.hiddenRows += 1;
   }
@@ -675,7 +776,9 @@ function renderMessage(msg) {
   const row = el("li", "msg");
   row.dataset.subject = msg.subject;
   const head = el("div", "msg-head");
-  head.append(el("span", "subject", msg.subject), timeEl(msg.receivedAt));
+  const arrived = timeEl(msg.receivedAt);
+  arrived.title = "when it reached this page";
+  head.append(el("span", "subject", msg.subject), (msg.time && publishedEl(msg)) || arrived);
 
   let kind;
   if (msg.encoding === "base64") {
@@ -716,8 +819,10 @@ function renderMessage(msg) {
       row.append(headers);
     }
   }
-  if (kind === "json") renderJson(row, msg.dataJson);
-  else renderText(row, String(msg.data), kind);
+  const data = kind === "json" ? msg.dataJson : String(msg.data);
+  rowText.set(row, data);
+  if (kind === "json") renderJson(row, data);
+  else renderText(row, data, kind);
   return row;
 }
 
@@ -869,7 +974,9 @@ function renderLargeJson(row, json) {
 // Filter, pause, clear, counts, rate
 // ---------------------------------------------------------------------------
 
-// A filter with * or > is a NATS pattern; anything else matches as plain text.
+// A filter with * or > as a token is a NATS pattern, matched against subjects; anything else
+// is text, found (whatever its case) in the subject or in the data as it came.  A regular
+// expression built once scans each value in place: no lower-cased copy of a large one.
 function makeMatcher(raw) {
   const f = raw.trim();
   if (!f) return null;
@@ -885,8 +992,8 @@ function makeMatcher(raw) {
       return tokens.length === pattern.length;
     };
   }
-  const needle = f.toLowerCase();
-  return (subject) => subject.toLowerCase().includes(needle);
+  const needle = new RegExp(f.replace(/[.*+?^${}()|[\]\\]/g, "\\$&"), "i");
+  return (subject, text) => needle.test(subject) || (text !== undefined && needle.test(text));
 }
 
 function applyFilter() {
@@ -894,7 +1001,7 @@ function applyFilter() {
   view.hiddenRows = 0;
   for (const row of ui.list.children) {
     if (!row.classList.contains("msg")) continue;
-    row.hidden = view.match ? !view.match(row.dataset.subject) : false;
+    row.hidden = view.match ? !view.match(row.dataset.subject, rowText.get(row)) : false;
     if (row.hidden) view.hiddenRows += 1;
   }
   updateCounts();
@@ -909,11 +1016,22 @@ function updateCounts() {
   if (view.rows === 0) {
     ui.empty.textContent = view.paused && view.heldCount
       ? "Paused before anything was shown: Resume to see the messages."
-      : "No messages yet. Subscribe to a subject to watch it here.";
+      : emptyText();
   } else {
     ui.empty.textContent = `No message matches “${ui.filter.value.trim()}”.`;
   }
   ui.empty.hidden = shown > 0;
+}
+
+// An empty list says what is true: what it waits for, and whether it was just cleared.
+function emptyText() {
+  const subjects = client.subjects().filter((s) => s.state !== "removing" && s.state !== "failed")
+    .map((s) => s.subject).sort();
+  const start = view.cleared ? "Cleared" : "No messages yet";
+  if (!subjects.length) return `${start}. Subscribe to a subject to watch it here.`;
+  const named = subjects.length <= 3 ? subjects.join(", ")
+    : `${subjects.slice(0, 3).join(", ")} and ${plural(subjects.length - 3, "more subject")}`;
+  return `${start}; waiting for messages on ${clip(named, 300)}.`;
 }
 
 // The note says exactly what Resume will add to the list.
@@ -954,6 +1072,7 @@ ui.clear.addEventListener("click", () => {
   view.received = 0;
   view.rows = 0;
   view.hiddenRows = 0;
+  view.cleared = true;
   ui.list.replaceChildren();
   if (view.paused) showPaused();
   updateCounts();

@@ -31,6 +31,9 @@ export interface StateDetail {
   /** No reconnecting until connect(): close() was called, a backend closed the connection
    * (4003), or the token expired (4001) and there is no getToken to get another. */
   closed?: boolean;
+  /** The token expired (4001) and there is no getToken: connect() does not open a socket
+   * with it again (it only repeats this state) until setToken() gives another. */
+  expired?: boolean;
   /** The browser says it is offline. */
   offline?: boolean;
   attempt?: number;
@@ -107,6 +110,9 @@ export interface BridgeMessage {
   reply?: string;
   /** Its stream sequence, when a JetStream stream stores the subject (live messages too). */
   seq?: number;
+  /** With `seq`: when JetStream stored it, i.e. when it was published (RFC 3339, UTC, to the
+   * nanosecond, e.g. "2026-11-21T18:43:50.101348127Z"), as the bridge sent it. */
+  time?: string;
   /** Sent as history the subscribe asked for (stored), rather than live. */
   history: boolean;
   /** This client's subscriptions (subjects or patterns) that match `subject`, on arrival. */
@@ -192,6 +198,8 @@ export declare class BridgeClient {
   reconnect(): void;
   /** Close and stop reconnecting; subscriptions are kept for connect(). */
   close(): void;
+  /** The token for the next connections, e.g. after an expiry (4001) without getToken. */
+  setToken(token: string | null): void;
 
   on(event: "message", fn: (message: BridgeMessage) => void): () => void;
   on(event: "state", fn: (state: ConnectionState, detail: StateDetail) => void): () => void;
@@ -210,6 +218,11 @@ export declare class BridgeClient {
   /** A reconnect resumed a stored subject with nothing missing; `count` stored messages follow. */
   on(event: "recovered", fn: (result: { subject: string; afterSeq?: number; count: number }) => void): () => void;
   on(event: "gap", fn: (gap: Gap) => void): () => void;
+  /** A handshake failed: what the bridge answers the same address over HTTP, with the same
+   * token.  401 (a token is needed, or this one is not accepted), 403 (this origin may not
+   * connect), 429 or 503 (full), with the bridge's `message`; another status: it answers and
+   * did not refuse; 0: no answer at all (down, restarting or unreachable). */
+  on(event: "refused", fn: (result: { status: number; message: string }) => void): () => void;
   on(event: "error", fn: (error: Error) => void): () => void;
   off(event: string, fn: (...args: any[]) => void): void;
 }

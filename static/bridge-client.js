@@ -17,6 +17,9 @@ const TOKEN_EXPIRED = 4001; // the token ran out: a fresh one from getToken, the
 const KICKED = 4003; // a backend closed this connection: no reconnecting until connect()
 const LOST = "No reply: the connection closed";
 const NEEDS_SUBJECTS = "a subject or a non-empty array of subjects is needed";
+const EXPIRED = "the token expired and there is no getToken to get another: setToken, then connect()";
+// What a bridge answers, before the upgrade, to a handshake it refuses (docs/protocol.md).
+const REFUSALS = new Set([401, 403, 429, 503]);
 
 // A listener's error must not break the client or the other listeners: rethrown on its
 // own, as the DOM does, so it still shows.
@@ -124,6 +127,9 @@ export class BridgeMessage {
     this.headers = frame.headers;
     this.reply = frame.reply;
     this.seq = frame.seq; // its stream sequence, when a JetStream stream stores it
+    // With seq: when JetStream stored it (RFC 3339, UTC, nanoseconds), kept as the text it
+    // came as: a history message is shown with when it was published, not when it arrived.
+    this.time = typeof frame.time === "string" ? frame.time : undefined;
     this.history = frame.history === true; // sent as history (stored, asked for), not live
     this.matches = matches;
     this.frame = text;
@@ -215,6 +221,11 @@ export class BridgeClient extends Emitter {
   // Public API (bridge-client.d.ts)
 
   connect() {
+    if (this._expired) {
+      // Opening again with the token that ran out would only be refused, for ever.
+      this._setState("disconnected", { code: TOKEN_EXPIRED, reason: EXPIRED, closed: true, expired: true });
+      return;
+    }
     this._closed = false;
     if (this._ws || this.state === "connecting") return;
     this._attempt = 0;
@@ -234,6 +245,12 @@ export class BridgeClient extends Emitter {
     this._timer = null;
     if (this._ws) this._drop(1000, "closed by the client");
     else this._setState("disconnected", { closed: true });
+  }
+
+  // The token for the next connections (the open one, if any, keeps its own until it ends).
+  setToken(token) {
+    this._token = token == null ? null : String(token);
+    this._expired = false;
   }
 
   subscribe(subjects, options = {}) {
@@ -340,6 +357,7 @@ export class BridgeClient extends Emitter {
       url.protocol = url.protocol.replace(/^http/, "ws");
       // Browsers cannot put headers on a WebSocket: the bridge takes ?token= instead.
       if (this._token) url.searchParams.set("token", this._token);
+      this._address = url;
       this._ws = new this._WS(url.href);
     } catch (err) {
       this._emit("error", err);
@@ -386,12 +404,41 @@ export class BridgeClient extends Emitter {
     this._changed();
     const detail = { code, reason, wasConnected };
     // Without getToken an expired token stays expired: trying again would only be refused.
-    if (code === KICKED || (code === TOKEN_EXPIRED && !this._getToken)) this._closed = true;
-    if (this._closed) return this._setState("disconnected", { ...detail, closed: true });
+    if (code === TOKEN_EXPIRED && !this._getToken) this._expired = true;
+    if (code === KICKED || this._expired) this._closed = true;
+    if (this._closed) return this._setState("disconnected", { ...detail, closed: true, expired: this._expired });
     // A refused handshake looks like this (the browser hides a 401): ask for a fresh token.
     if (lived < 0 || code === TOKEN_EXPIRED) this._needToken = true;
+    if (lived < 0 && !this._offline) this._probe(this._token);
     if (lived >= this.options.stableAfter) this._attempt = 0;
     this._retry(detail);
+  }
+
+  // A refused handshake (401 token, 403 origin, 429 or 503 full) looks to a browser exactly
+  // like a bridge that is down: the socket fails with 1006, the status hidden.  So the same
+  // address is asked once over HTTP, with the same credentials: the bridge refuses a plain
+  // GET as it refused the upgrade, and says why.  Reported as "refused" {status, message};
+  // status 0: no answer at all (down, restarting, unreachable, or another origin's CORS).
+  async _probe(token) {
+    if (typeof fetch !== "function" || !this._address) return;
+    const address = new URL(this._address);
+    address.protocol = address.protocol.replace(/^ws/, "http");
+    address.searchParams.delete("token"); // in a header rather than in one more logged URL
+    let status = 0;
+    let message = "";
+    try {
+      const response = await fetch(address, {
+        headers: token ? { Authorization: `Bearer ${token}` } : {}, cache: "no-store", redirect: "manual",
+      });
+      status = response.status;
+      if (REFUSALS.has(status) && /json/.test(response.headers.get("content-type") || "")) {
+        const body = await response.json();
+        if (typeof body?.message === "string") message = body.message;
+      }
+    } catch {
+      // no answer, or an answer this page may not read
+    }
+    if (!this._welcomed && !this._closed) this._emit("refused", { status, message });
   }
 
   _retry(detail) {

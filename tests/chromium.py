@@ -50,9 +50,12 @@ LAUNCH_ARGS = [
     "--no-first-run",
 ]
 TIMEOUT_MS = 10_000
-# Chromium logs a refused WebSocket handshake as a console error; only the tests where
-# that is the point (the bridge restarting, a page without its token) allow it.
-WS_REFUSED = re.compile(r"^WebSocket connection to '.*' failed")
+# Chromium logs a refused WebSocket handshake as a console error, and so the client's HTTP
+# question that follows it (what the bridge answers: bridge-client.js "refused"); only the
+# tests where that is the point (the bridge restarting, a page without its token) allow them.
+WS_REFUSED = re.compile(r"^(WebSocket connection to '.*' failed"
+                        r"|Failed to load resource: (net::ERR_CONNECTION_REFUSED"
+                        r"|the server responded with a status of (401|403|429|503)\b))")
 
 expect.set_options(timeout=TIMEOUT_MS)
 

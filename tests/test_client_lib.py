@@ -9,6 +9,7 @@ sockets there), imports /static/bridge-client.js in it and drives a BridgeClient
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import time
@@ -21,6 +22,8 @@ import pytest
 from chromium import TIMEOUT_MS, WS_REFUSED, OpenPage, Page, wait_listening
 from conftest import NatsServer, eventually, free_port, unique
 from minting import SECRET, claims, hs256
+
+import main
 
 browser = chromium.browser
 open_page = chromium.open_page
@@ -38,6 +41,7 @@ START = """async ({url, options, worker}) => {
   client.on("state", (state, detail) => log.states.push([state, detail.code ?? null]));
   client.on("message", (m) => log.messages.push({
     subject: m.subject, data: m.data, dataJson: m.dataJson, encoding: m.encoding ?? null, matches: m.matches,
+    seq: m.seq ?? null, time: m.time ?? null, history: m.history,
   }));
   client.on("resubscribed", (r) => log.resubscribed.push(r));
   client.on("reply", (frame) => log.replies.push(frame));
@@ -352,6 +356,31 @@ async def test_a_token_comes_from_get_token_when_the_handshake_is_refused(
     await page.evaluate("() => client2.close()")
 
 
+async def test_a_refused_handshake_is_reported_with_the_bridges_status_and_message(
+    nats_server: NatsServer, bridge_factory: Any, open_page: OpenPage
+) -> None:
+    """A browser hides why a handshake failed; the client asks the same address over HTTP with
+    the same token, so a 401 is told apart from a bridge that is down (status 0: see
+    test_page.py's restart without auth)."""
+    bridge = await bridge_factory(nats_url=nats_server.url, jwt_secret=SECRET)
+    page = await harness(open_page, bridge.http_url, connect=False, allow=(WS_REFUSED,))
+    await page.evaluate(
+        """() => {
+            window.refusals = [];
+            window.wrong = new lib.BridgeClient(client.url, {token: "nope", minDelay: 50});
+            wrong.on("refused", (r) => refusals.push(r));
+        }"""
+    )
+    await page.wait_for_function("() => refusals.length >= 2", timeout=TIMEOUT_MS)
+    await page.evaluate("() => wrong.close()")
+    first = await page.evaluate("refusals[0]")
+    # Asked with the client's token (in a header, not in one more URL for the logs): the
+    # bridge judged "nope", rather than finding no token at all.
+    assert first == {"status": 401, "message": "Unauthorized: the token is malformed (not a JWT)"}
+    assert bridge.app.http_server.web_app[main.LINK].refusals["token_missing"] == 0
+    assert bridge.manager.clients == {}
+
+
 async def test_offline_closes_and_online_reconnects_at_once_renewing_subscriptions(
     bridge: Any, nc: Any, open_page: OpenPage
 ) -> None:
@@ -486,6 +515,25 @@ async def test_the_token_is_refreshed_on_the_open_socket_before_it_expires(
     assert bridge.manager.stats.token_expiries == 0
 
 
+async def test_connect_after_an_expired_token_opens_no_socket_until_set_token_gives_another(
+    nats_server: NatsServer, bridge_factory: Any, open_page: OpenPage
+) -> None:
+    bridge = await bridge_factory(nats_url=nats_server.url, jwt_secret=SECRET, jwt_refresh_lead=1)
+    page = await harness(open_page, bridge.http_url, token=hs256(claims("ada", ttl=2)), minDelay=50)
+    await page.wait_for_function("() => client.state === 'disconnected'", timeout=TIMEOUT_MS)
+    refusals = bridge.app.http_server.web_app[main.LINK].refusals
+    before = sum(refusals.values())
+    await page.evaluate("() => client.connect()")
+    await asyncio.sleep(1)
+    last = await page.evaluate("[client.state, log.states.at(-1)]")
+    assert last == ["disconnected", ["disconnected", 4001]]
+    assert sum(refusals.values()) == before  # the dead token was not offered again
+    assert not bridge.manager.clients
+    await page.evaluate("(t) => { client.setToken(t); client.connect(); }", hs256(claims("bob", ttl=60)))
+    await connected(page)
+    assert await page.evaluate("client.user") == "bob"
+
+
 def claims_exp(token: str) -> int:
     import jwt
 
@@ -502,6 +550,33 @@ async def test_an_expired_token_without_get_token_stops_reconnecting(
     last = await page.evaluate("[client.state, log.states.at(-1)]")
     assert last == ["disconnected", ["disconnected", 4001]]
     assert not bridge.manager.sessions
+
+
+async def test_stored_messages_carry_when_they_were_published_history_and_live_alike(
+    js_nc: Any, js_server: NatsServer, bridge_factory: Any, open_page: OpenPage
+) -> None:
+    bridge = await bridge_factory(nats_url=js_server.url)
+    js = js_nc.jetstream()
+    base = f"libtime{os.getpid()}x{time.monotonic_ns()}"
+    await js.add_stream(name=base.upper(), subjects=[f"{base}.>"])
+    first = (await js.publish(f"{base}.s", b'{"n": 0}')).seq
+    page = await harness(open_page, bridge.http_url)
+    await page.evaluate("(s) => client.subscribe(s, {history: {last: 1}}).ready", f"{base}.s")
+    live = (await js.publish(f"{base}.s", b'{"n": 1}')).seq
+    got = await messages(page, f"{base}.s", 2)
+
+    async def stored_time(seq: int) -> str:
+        answer = await js_nc.request(f"$JS.API.STREAM.MSG.GET.{base.upper()}", b'{"seq": %d}' % seq,
+                                     timeout=5)
+        return json.loads(answer.data)["message"]["time"]
+
+    assert [(m["seq"], m["history"], m["time"]) for m in got] == [
+        (first, True, await stored_time(first)), (live, False, await stored_time(live))]
+    # A subject no stream stores: no seq, so no time.
+    await page.evaluate("(s) => client.subscribe(s).ready", f"plain{base}")
+    await publish_until(js_nc, page, f"plain{base}", b"{}")
+    [plain] = await messages(page, f"plain{base}")
+    assert (plain["seq"], plain["time"]) == (None, None)
 
 
 async def test_a_backends_disconnect_4003_stops_reconnecting(bridge: Any, open_page: OpenPage) -> None:
@@ -525,5 +600,7 @@ def test_the_type_declarations_cover_the_fixed_api() -> None:
     for needle in ["export declare class BridgeClient", "constructor(url: string", "token?:", "getToken?:",
                    "subscribe(subjects: string | readonly string[]", "ready: Promise<Reply>",
                    "unsubscribe(): Promise<", 'on(event: "message"', 'on(event: "state"',
-                   '"connecting" | "connected" | "disconnected"', "publish(subject: string", "close(): void"]:
+                   '"connecting" | "connected" | "disconnected"', "publish(subject: string", "close(): void",
+                   "time?: string", "expired?: boolean", "setToken(token: string | null): void",
+                   'on(event: "refused"']:
         assert needle in dts, needle

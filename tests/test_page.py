@@ -189,7 +189,7 @@ async def test_filter_pause_clear_rate_and_cap(bridge: Any, nc: Any, open_page: 
     await publish(nc, "flow.b", b"b0")
     await expect(rows(page, "flow.b")).to_have_count(1)
 
-    filter_ = page.get_by_label("Filter by subject")
+    filter_ = page.get_by_label("Filter by subject or data")
     for value, a_shown, b_shown in [("flow.a", True, False), ("*.b", False, True), ("flow.*", True, True)]:
         await filter_.fill(value)
         for subject, shown in (("flow.a", a_shown), ("flow.b", b_shown)):
@@ -330,7 +330,8 @@ async def test_phone_width_and_keyboard(bridge: Any, nc: Any, open_page: OpenPag
 async def test_token_from_the_page_address(nats_server: Any, bridge_factory: Any, nc: Any,
                                            open_page: OpenPage) -> None:
     """With AUTH_TOKENS, /?token=T reaches the socket as ?token=T; without it the page
-    never connects and says a token may be needed."""
+    never connects and says the bridge needs a token; with a wrong one, that the bridge
+    refused the token it was opened with (not its address, which no longer holds it)."""
     bridge = await bridge_factory(nats_url=nats_server.url, auth_tokens=("t1",))
     stream = f"ws://127.0.0.1:{bridge.port}/stream"
     # The refused pages retry in the background while the one with the token is used.
@@ -345,10 +346,14 @@ async def test_token_from_the_page_address(nats_server: Any, bridge_factory: Any
     await expect(page.locator("#conn-detail")).to_be_hidden()  # empty: nothing went wrong
 
     detail = missing.page.locator("#conn-detail")
-    await expect(detail).to_contain_text("If this bridge needs a token, open the page as /?token=")
+    await expect(detail).to_contain_text(
+        "The bridge needs a token (Unauthorized: a valid token is required). Open this page as /?token=…")
     await expect(detail).to_have_attribute("data-tone", "error")
-    await expect(wrong.page.locator("#conn-detail")).to_contain_text(
-        "token in this page's address may be wrong")
+    wrong_detail = wrong.page.locator("#conn-detail")
+    await expect(wrong_detail).to_contain_text(
+        "The bridge refused the token this page was opened with (Unauthorized: a valid token is required). "
+        "Open the page with a valid one: /?token=…")
+    await expect(wrong_detail).not_to_contain_text("address")
     for refused, url in ((missing, stream), (wrong, stream + "?token=nope")):
         await expect(refused.page.locator("#conn-state")).not_to_have_attribute("data-state", "connected")
         assert len(refused.sockets) >= 2 and set(refused.sockets) == {url}
@@ -364,7 +369,7 @@ async def test_publish_box(nats_server: Any, bridge_factory: Any, nc: Any, open_
     await nc.flush(timeout=5)
     page = (await open_page(bridge.http_url + "/")).page
     subject = page.get_by_label("Publish subject")
-    data = page.get_by_label("Data")
+    data = page.get_by_label("Data", exact=True)
     status = page.locator("#publish-status")
     await expect(page.locator("#publish-panel")).to_be_visible()
     await subscribe_with_button(page, "chat.>")
@@ -576,18 +581,67 @@ async def test_shows_who_is_connected(nats_server: Any, bridge_factory: Any, ope
     assert await watched.page.locator("#user b").count() == 0
 
 
-async def test_says_plainly_when_the_token_expired(nats_server: Any, bridge_factory: Any,
-                                                   open_page: OpenPage) -> None:
+async def test_after_the_token_expired_the_page_says_what_to_do_and_never_offers_it_again(
+        nats_server: Any, bridge_factory: Any, open_page: OpenPage) -> None:
+    """Closed with 4001 and no way to renew: no Connect (it would only offer the dead token),
+    nobody signed in, and chips that say they are not connected rather than subscribing."""
     bridge = await bridge_factory(nats_url=nats_server.url, jwt_secret=SECRET, jwt_refresh_lead=1)
-    watched = await open_page(bridge.http_url + "/?token=" + hs256(claims("ada", ttl=3)))
+    watched = await open_page(bridge.http_url + "/?token=" + hs256(claims("ada", ttl=4)))
     page = watched.page
+    await subscribe_with_button(page, "expiry.x")
+    await expect(page.locator("#user")).to_have_text("Signed in as ada")
     detail = page.locator("#conn-detail")
-    await expect(detail).to_contain_text("Your access token expires at")
-    await expect(detail).to_contain_text("Your access token expired", timeout=10_000)
-    await expect(detail).to_contain_text("Open this page with a new token")
+    await expect(detail).to_contain_text("Your access token expires in")
+    await expect(detail).to_have_text(
+        "Your access token expired, so the bridge closed the connection (code 4001). This page cannot get "
+        "a new token by itself: open it again with a new one, as /?token=…", timeout=10_000)
+    await expect(page.locator("#conn-state")).to_have_text("Token expired")
     await expect(page.locator("#conn-state")).to_have_attribute("data-state", "closed")
+    await expect(page.locator("#conn-toggle")).to_be_hidden()
+    await expect(page.locator("#user")).to_be_hidden()
+    await expect(chip(page, "expiry.x").locator(".chip-state")).to_have_text("not connected")
     await asyncio.sleep(1)
     assert len(watched.sockets) == 1  # an expired token is not tried again
+
+
+async def test_after_a_backend_closed_the_connection_nobody_is_signed_in_and_chips_are_not_connected(
+        nats_server: Any, bridge_factory: Any, open_page: OpenPage) -> None:
+    bridge = await bridge_factory(nats_url=nats_server.url, jwt_secret=SECRET, control_tokens=("ctl",))
+    watched = await open_page(bridge.http_url + "/?token=" + hs256(claims("ada")))
+    page = watched.page
+    await subscribe_with_button(page, "kicked.x")
+    await expect(page.locator("#user")).to_have_text("Signed in as ada")
+    [connection_id] = bridge.manager.clients
+    response = await page.request.delete(f"{bridge.http_url}/clients/{connection_id}",
+                                         headers={"Authorization": "Bearer ctl"})
+    assert response.status == 200
+    await expect(page.locator("#conn-detail")).to_have_text(
+        "A backend closed this connection (code 4003): disconnected by the server. "
+        "Connect again if you should still be here.")
+    await expect(page.locator("#conn-state")).to_have_attribute("data-state", "closed")
+    await expect(page.locator("#user")).to_be_hidden()
+    await expect(chip(page, "kicked.x").locator(".chip-state")).to_have_text("not connected")
+    # Connect is offered (the token is still good), and brings the subscription back.
+    await page.get_by_role("button", name="Connect", exact=True).click()
+    await expect(chip(page, "kicked.x")).to_have_attribute("data-state", "subscribed")
+    await expect(chip(page, "kicked.x").locator(".chip-state")).to_have_count(0)
+    await expect(page.locator("#user")).to_have_text("Signed in as ada")
+
+
+async def test_the_expiry_warning_counts_seconds_under_two_minutes_and_minutes_and_seconds_above(
+        nats_server: Any, bridge_factory: Any, open_page: OpenPage) -> None:
+    # A lead longer than either token's life: the warning comes as soon as each connects.
+    bridge = await bridge_factory(nats_url=nats_server.url, jwt_secret=SECRET, jwt_refresh_lead=600)
+    soon = await open_page(bridge.http_url + "/?token=" + hs256(claims("ada", ttl=50)))
+    later = await open_page(bridge.http_url + "/?token=" + hs256(claims("bob", ttl=250)))
+    await expect(soon.page.locator("#conn-detail")).to_contain_text(
+        re.compile(r"^Your access token expires in (4\d|50) s \(at \d\d:\d\d:\d\d\); "
+                   r"this page cannot renew it\."))
+    await expect(later.page.locator("#conn-detail")).to_contain_text(
+        re.compile(r"^Your access token expires in 4 min( \d\d? s)? \(at \d\d:\d\d:\d\d\)"))
+    # It counts down.
+    first = await soon.page.locator("#conn-detail").text_content()
+    await expect(soon.page.locator("#conn-detail")).not_to_have_text(first or "")
 
 
 # ---------------------------------------------------------------------------
@@ -653,3 +707,161 @@ async def test_reconnects_after_a_bridge_restart_and_shows_every_message_publish
         assert [json.loads(t)["n"] for t in reversed(texts)] == [0, 1, 2, 3, 4, 5]  # newest first on the page
     finally:
         await nc_js.close()
+
+
+async def stored_time(nc_js: Any, stream: str, seq: int) -> str:
+    """When JetStream stored message ``seq`` of ``stream``, as its API says (RFC 3339)."""
+    answer = await nc_js.request(f"$JS.API.STREAM.MSG.GET.{stream}", json.dumps({"seq": seq}).encode(),
+                                 timeout=5)
+    return json.loads(answer.data)["message"]["time"]
+
+
+async def test_a_stored_row_shows_when_it_was_published_not_when_it_reached_the_page(
+    js_server: Any, bridge_factory: Any, open_page: OpenPage
+) -> None:
+    bridge = await bridge_factory(nats_url=js_server.url)
+    base = unique("pagetime").replace(".", "")
+    nc_js = await nats.connect(js_server.url)
+    try:
+        js = await stream_for(nc_js, base)
+        seq = (await js.publish(f"{base}.s", b'{"n": 1}')).seq
+        published = await stored_time(nc_js, base.upper(), seq)
+        await asyncio.sleep(1.5)  # so that reaching the page is seconds later than publishing
+        page = (await open_page(bridge.http_url + "/")).page
+        await page.locator("#history").fill("1")
+        await subscribe_with_button(page, f"{base}.s")
+        time_ = rows(page, f"{base}.s").locator(".msg-time")
+        await expect(time_).to_have_attribute("datetime", published)
+        # HH:MM:SS.mmm in the page's zone: the seconds and milliseconds are the same in any zone.
+        seconds = re.search(r":(\d\d)\.(\d{3})", published)
+        assert seconds is not None
+        await expect(time_).to_have_text(re.compile(rf"\d\d:\d\d:{seconds[1]}\.{seconds[2]}$"))
+        await expect(time_).to_have_attribute("title", re.compile(rf"^Published {re.escape(published)} "))
+    finally:
+        await nc_js.close()
+
+
+async def test_asking_for_the_same_history_again_shows_it_marked_as_stored_again(
+    js_server: Any, bridge_factory: Any, open_page: OpenPage
+) -> None:
+    """The bridge sends a repeated history with "history": true; the page keeps the mark."""
+    bridge = await bridge_factory(nats_url=js_server.url)
+    base = unique("pageagain").replace(".", "")
+    nc_js = await nats.connect(js_server.url)
+    try:
+        js = await stream_for(nc_js, base)
+        for n in range(5):
+            await js.publish(f"{base}.s", b'{"n": %d}' % n)
+        page = (await open_page(bridge.http_url + "/")).page
+        await page.locator("#history").fill("3")
+        await subscribe_with_button(page, f"{base}.s")
+        stored = page.locator(f'#messages > li.msg[data-subject="{base}.s"][data-history="true"]')
+        await expect(stored).to_have_count(3)
+        await subscribe_with_button(page, f"{base}.s")
+        await expect(stored).to_have_count(6)
+        await expect(rows(page, f"{base}.s")).to_have_count(6)
+        badges = await stored.locator(".badge.stored").all_text_contents()
+        assert badges == ["stored #5", "stored #4", "stored #3"] * 2
+    finally:
+        await nc_js.close()
+
+
+# ---------------------------------------------------------------------------
+# What the page says when it has nothing to show, or cannot connect
+# ---------------------------------------------------------------------------
+
+
+async def test_the_filter_finds_text_in_the_data_as_well_as_the_subject(bridge: Any, nc: Any,
+                                                                       open_page: OpenPage) -> None:
+    page = (await open_page(bridge.http_url + "/")).page
+    await subscribe_with_button(page, "find.>")
+    await publish_until_seen(nc, rows(page, "find.pie"), "find.pie", b"apple pie")
+    await publish(nc, "find.json", b'{"fruit": "Banana", "n": 12345678901234567890}')
+    await publish(nc, "find.other", b"nothing to see")
+    await expect(page.locator("#messages > li.msg")).to_have_count(3)
+    filter_ = page.get_by_label("Filter by subject or data")
+    await expect(filter_).to_have_attribute("placeholder", "text in subject or data, or a pattern: orders.>")
+
+    async def shown() -> list[str | None]:
+        return [await row.get_attribute("data-subject")
+                for row in await page.locator("#messages > li.msg:visible").all()]
+
+    cases = [("banana", ["find.json"]), ("PIE", ["find.pie"]), ("12345678901234567890", ["find.json"]),
+             ("find.other", ["find.other"]), ("find.*", ["find.other", "find.json", "find.pie"]),
+             ("*.pie", ["find.pie"])]
+    for value, subjects in cases:
+        await filter_.fill(value)
+        await expect(page.locator("#messages > li.msg:visible")).to_have_count(len(subjects))
+        assert await shown() == subjects, value
+    # A message that arrives while the filter is set is matched on its data too.
+    await filter_.fill("cherry")
+    await publish(nc, "find.late", b'{"fruit": "cherry"}')
+    await publish(nc, "find.late", b'{"fruit": "plum"}')
+    await expect(rows(page, "find.late")).to_have_count(2)
+    await expect(page.locator("#messages > li.msg:visible")).to_have_count(1)
+    await expect(page.locator("#counts")).to_contain_text("1 of 5 shown")
+
+
+async def test_an_empty_list_names_the_subjects_it_waits_for_and_says_when_it_was_cleared(
+        bridge: Any, nc: Any, open_page: OpenPage) -> None:
+    page = (await open_page(bridge.http_url + "/")).page
+    empty = page.locator("#empty")
+    await expect(empty).to_have_text("No messages yet. Subscribe to a subject to watch it here.")
+    await subscribe_with_button(page, "wait.b wait.a")
+    await expect(empty).to_have_text("No messages yet; waiting for messages on wait.a, wait.b.")
+    await publish_until_seen(nc, rows(page, "wait.a"), "wait.a", b"one")
+    await expect(empty).to_be_hidden()
+    await page.get_by_role("button", name="Clear").click()
+    await expect(empty).to_have_text("Cleared; waiting for messages on wait.a, wait.b.")
+    await subscribe_with_button(page, "wait.c wait.d")
+    await expect(empty).to_have_text(
+        "Cleared; waiting for messages on wait.a, wait.b, wait.c and 1 more subject.")
+    await page.get_by_role("button", name="Unsubscribe from wait.a").click()
+    await page.get_by_role("button", name="Unsubscribe from wait.b").click()
+    await page.get_by_role("button", name="Unsubscribe from wait.c").click()
+    await page.get_by_role("button", name="Unsubscribe from wait.d").click()
+    await expect(empty).to_have_text("Cleared. Subscribe to a subject to watch it here.")
+
+
+async def test_a_restarting_bridge_without_auth_is_never_said_to_need_a_token(
+    nats_server: Any, bridge_process: Any, open_page: OpenPage
+) -> None:
+    """Only a bridge that asked for a token (401) makes the page talk about tokens."""
+    port = free_port()
+    env = {"HTTP_PORT": str(port), "NATS_URL": nats_server.url, "TEST_PUBLISH_INTERVAL": "0",
+           "LOG_LEVEL": "WARNING"}
+    first = bridge_process(env=env, wait=False)
+    await wait_listening(port, first.proc)
+    page = (await open_page(f"http://127.0.0.1:{port}/", allow=(WS_REFUSED,))).page
+    code, _ = await asyncio.to_thread(first.stop)
+    assert code == 0
+    detail = page.locator("#conn-detail")
+    # From the fourth failed attempt on the page says more about why: here, that nothing answers.
+    await expect(detail).to_contain_text("(attempt 4).", timeout=20_000)
+    await expect(detail).to_contain_text("The bridge does not answer: it is down, restarting or out of reach")
+    await expect(detail).not_to_contain_text("token")
+
+
+# ---------------------------------------------------------------------------
+# Layout
+# ---------------------------------------------------------------------------
+
+
+async def test_with_publishing_on_the_first_message_is_in_view_at_1280_by_900(
+        nats_server: Any, bridge_factory: Any, open_page: OpenPage) -> None:
+    """The controls (a publish box grown with ten lines of data, three chips, status lines)
+    never push the newest message below the fold of a laptop screen."""
+    bridge = await bridge_factory(nats_url=nats_server.url, publish_allow=("fold.>",))
+    page = (await open_page(bridge.http_url + "/", width=1280, height=900)).page
+    await subscribe_with_button(page, "fold.> orders.> sensors.*.temperature")
+    await page.get_by_label("Publish subject").fill("fold.room")
+    await page.get_by_label("Data", exact=True).fill(
+        "{\n" + ",\n".join(f'  "field{i}": {i}' for i in range(10)) + "\n}")
+    await page.get_by_role("button", name="Publish").click()
+    await expect(page.locator("#publish-status")).to_have_text("Published to fold.room")
+    first = page.locator("#messages > li.msg").first
+    await expect(first).to_contain_text('"field9": 9')
+    assert await page.evaluate("window.scrollY") == 0
+    box = await first.bounding_box()
+    assert box is not None
+    assert 0 <= box["y"] and box["y"] + box["height"] <= 900, box
