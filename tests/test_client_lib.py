@@ -378,7 +378,7 @@ async def test_a_refused_handshake_is_reported_with_the_bridges_status_and_messa
     # bridge judged "nope", rather than finding no token at all.
     assert first == {"status": 401, "message": "Unauthorized: the token is malformed (not a JWT)"}
     assert bridge.app.http_server.web_app[main.LINK].refusals["token_missing"] == 0
-    assert bridge.manager.clients == {}
+    assert bridge.manager.sessions == {}
 
 
 async def test_offline_closes_and_online_reconnects_at_once_renewing_subscriptions(
@@ -528,7 +528,7 @@ async def test_connect_after_an_expired_token_opens_no_socket_until_set_token_gi
     last = await page.evaluate("[client.state, log.states.at(-1)]")
     assert last == ["disconnected", ["disconnected", 4001]]
     assert sum(refusals.values()) == before  # the dead token was not offered again
-    assert not bridge.manager.clients
+    assert not bridge.manager.sessions
     await page.evaluate("(t) => { client.setToken(t); client.connect(); }", hs256(claims("bob", ttl=60)))
     await connected(page)
     assert await page.evaluate("client.user") == "bob"

@@ -584,12 +584,12 @@ async def test_on_a_cluster_a_backend_on_a_third_node_reaches_both_instances(clu
 
 
 # ---------------------------------------------------------------------------
-# The README's NATS permissions, on a real nats-server
+# The NATS permissions of docs/security.md, on a real nats-server
 # ---------------------------------------------------------------------------
 
 
-def readme_permissions() -> str:
-    text = (ROOT / "README.md").read_text()
+def documented_permissions() -> str:
+    text = (ROOT / "docs" / "security.md").read_text()
     block = text.split("<!-- nats-permissions -->")[1].split("<!-- /nats-permissions -->")[0]
     return block.split("```conf")[1].split("```")[0]
 
@@ -597,7 +597,7 @@ def readme_permissions() -> str:
 @pytest.fixture
 def guarded_nats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[NatsServer]:
     conf = tmp_path / "nats.conf"
-    conf.write_text(readme_permissions())
+    conf.write_text(documented_permissions())
     for user in ("bridge", "backend", "app"):
         monkeypatch.setenv(f"{user.upper()}_PASSWORD", f"{user}-password")  # nats-server reads $VARS
     server = NatsServer(extra_args=["-c", str(conf)]).start()
@@ -609,8 +609,8 @@ def as_user(server: NatsServer, user: str) -> str:
     return f"nats://{user}:{user}-password@127.0.0.1:{server.port}"
 
 
-async def test_readme_nats_permissions_let_a_backend_command_the_bridges(guarded_nats, bridge_factory,
-                                                                        ws_factory):
+async def test_documented_nats_permissions_let_a_backend_command_the_bridges(guarded_nats, bridge_factory,
+                                                                            ws_factory):
     bridge = await bridge_factory(nats_url=as_user(guarded_nats, "bridge"),
                                   subject_allow=("public.>", "user.{sub}.>"))
     client = await ws_factory(bridge.ws_url)
@@ -627,7 +627,7 @@ async def test_readme_nats_permissions_let_a_backend_command_the_bridges(guarded
     assert (answer["status"], frame["subject"]) == (200, "public.news")
 
 
-async def test_readme_nats_permissions_keep_other_users_off_the_control_plane(guarded_nats):
+async def test_documented_nats_permissions_keep_other_users_off_the_control_plane(guarded_nats):
     refused: list[str] = []
 
     async def error_cb(exc: Exception) -> None:

@@ -611,7 +611,7 @@ async def test_after_a_backend_closed_the_connection_nobody_is_signed_in_and_chi
     page = watched.page
     await subscribe_with_button(page, "kicked.x")
     await expect(page.locator("#user")).to_have_text("Signed in as ada")
-    [connection_id] = bridge.manager.clients
+    [connection_id] = bridge.manager.sessions
     response = await page.request.delete(f"{bridge.http_url}/clients/{connection_id}",
                                          headers={"Authorization": "Bearer ctl"})
     assert response.status == 200
