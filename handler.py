@@ -188,7 +188,10 @@ class WSSManager:
         perms = self.policy.for_user(user.sub, user.claim) if user else self.policy.for_user()
         session = Session(request.remote or "?", user, perms, self.limits.control_rate,
                           self.limits.control_strikes)
-        session.outbox = Outbox(request, ws, self.limits, self.stats, self._flusher, session.id)
+        transport = request.transport
+        assert transport is not None, "the WebSocket is prepared before it is registered"
+        session.outbox = Outbox(transport, request.protocol, request.writer, ws, self.limits, self.stats,
+                                self._flusher, session.label)
         self.sessions[session.id] = session
         self.stats.connections_opened += 1
         nc = self._nats()

@@ -464,7 +464,7 @@ class Config:
         group=GROUP_WHAT,
     )
     max_subscriptions: int = opt(
-        100, "MAX_SUBSCRIPTIONS", _count, "subjects one client may hold",
+        100, "MAX_SUBSCRIPTIONS", _count, "subjects one client may follow at once",
         group=GROUP_WHAT,
     )
     max_subjects_per_request: int = opt(

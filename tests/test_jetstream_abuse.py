@@ -108,11 +108,17 @@ async def test_forged_stall_header_in_a_stored_message_never_makes_the_bridge_pu
     frame = await page.receive_message()
     # The forged message is what it is: data, headers and all.
     assert (frame["subject"], frame["headers"]["Nats-Consumer-Stalled"]) == (SENSOR_SUBJECT, target)
-    # Every restart of the feed sees it again: make one happen.
+    # It stays stored: a new feed of the pattern starts with it (the latest stored
+    # message), and a feed restart goes through it again.  Make both happen.
+    await page.request({"action": "unsubscribe", "subjects": ["sensors.>"]})
+    await page.subscribe("sensors.>")
     feed = bridge.manager.registry.topics["sensors.>"].feed
-    await api(ops, f"CONSUMER.DELETE.SENSORS.{feed._consumer}")
-    await eventually(lambda: feed._generation > 1, timeout=30)
-    await asyncio.sleep(0.5)
+    feed.last_seq -= 1  # as if the poison had not been delivered yet
+    feed.restart_soon("test")
+    await eventually(lambda: feed._generation > 1)
+    await sensor.publish(SENSOR_SUBJECT, b'{"after": true}')
+    while (await page.receive_message())["data"] != {"after": True}:
+        pass
     info = await api(ops, "STREAM.INFO.BILLING")
     assert info.get("state", {}).get("messages") == 3, info
 

@@ -19,6 +19,8 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.base_protocol import BaseProtocol
 
 from bridge.config import OVERFLOW_DROP_OLDEST
 from bridge.core.frames import (
@@ -97,8 +99,8 @@ class Outbox:
     )
 
     def __init__(
-        self, request: web.Request, ws: web.WebSocketResponse, limits: Limits, stats: Stats, flusher: Flusher,
-        label: str,
+        self, transport: asyncio.Transport, protocol: BaseProtocol, stream: AbstractStreamWriter,
+        ws: web.WebSocketResponse | None, limits: Limits, stats: Stats, flusher: Flusher, label: str,
     ) -> None:
         self.ws = ws
         # Who this is in log lines: the connection's id and its peer.
@@ -111,11 +113,9 @@ class Outbox:
         # Writing frames to the transport ourselves (rather than ws.send_*) lets
         # one prebuilt frame serve every connection; compression is off, and each
         # write is a whole frame, so aiohttp's own pings and close interleave safely.
-        transport = request.transport
-        assert transport is not None, "the WebSocket must be prepared first"
         self._transport = transport
-        self._protocol = request.protocol
-        self._stream = request.writer
+        self._protocol = protocol
+        self._stream = stream
         self._flusher = flusher
         # Frames of this event-loop turn, written together by the Flusher.  At
         # most one NATS read's worth (nats-py reads in bounded chunks) before
@@ -324,11 +324,12 @@ class Outbox:
         if self._writer is not None:
             self._writer.cancel()
         message = close_reason(reason)
-        if self._protocol.writing_paused:
+        if self._protocol.writing_paused or self.ws is None:
             # The peer is not reading, so a close handshake cannot finish: put
             # the close frame behind what it has not read yet, give it
             # the timeout to catch up, then abort, which ends the connection
-            # handler and so releases everything this client held.
+            # handler and so releases everything this connection followed.
+            # (Without a WebSocketResponse, a bare transport, the same.)
             self._transport.write(close_frame(code, message.encode()))
             asyncio.get_running_loop().call_later(timeout, self._transport.abort)
             return

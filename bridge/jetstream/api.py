@@ -200,14 +200,14 @@ class Consumers:
         self._made: Counter[str] = Counter()
 
     @property
-    def held(self) -> int:
+    def total(self) -> int:
         return self.feeds + self.readers
 
     def check(self, kind: str, stream: StreamInfo | None) -> None:
         """BudgetError saying why, if a consumer of ``kind`` ("feed" or "reader") may not be made now."""
         share = FEED_SHARE if kind == "feed" else READER_SHARE
-        if self.held + 1 > int(self.limit * share):
-            raise BudgetError(f"the bridge already holds {self.held} JetStream consumers "
+        if self.total + 1 > int(self.limit * share):
+            raise BudgetError(f"the bridge already holds {self.total} JetStream consumers "
                               f"(MAX_JETSTREAM_CONSUMERS={self.limit})", ERR_MAX_CONSUMERS)
         if stream is not None and stream.max_consumers > 0:
             count = stream.consumer_count + self._made[stream.name]

@@ -12,7 +12,7 @@ request lands on asks the others there, at that moment:
 
 Why not prometheus_client's multiprocess mode: it needs its own metric objects
 (a lock and a memory-mapped write per increment, on the per-message path that
-now bumps plain integers) and leaves dead workers' files to clean up.  Why not
+bumps plain integers) and leaves dead workers' files to clean up.  Why not
 the NATS control plane: metrics and readiness must still answer when NATS is
 away.  The cost is N-1 local round trips per scrape, about a millisecond.
 """
