@@ -25,8 +25,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -56,6 +56,7 @@ from bridge.core.history import HistoryError, parse_history
 from bridge.core.permissions import SubjectPolicy
 from bridge.core.stats import Stats
 from bridge.core.tokens import Identity, Verifier
+from bridge.hub.admission import Admission
 from bridge.hub.catchup import CatchUp
 from bridge.hub.lifetime import TokenLifetime
 from bridge.hub.outbox import Flusher, Outbox
@@ -96,52 +97,20 @@ class WSSManager:
         self.lifetime = TokenLifetime(stats, refresh_lead)
         self.publisher = Publisher(nats_client, policy, limits, stats)
         self.refresher = Refresher(verifier, policy, self.registry, self.lifetime, stats)
+        self.admission = Admission(max_connections, max_connections_per_user)
         # Which of this host's worker processes we are (WORKERS), told to every client.
         self.worker = worker
-        self._slots = asyncio.Semaphore(max_connections)
-        # Connections each user holds or is opening here (MAX_CONNECTIONS_PER_USER).
-        self.max_connections_per_user = max_connections_per_user
-        self._user_slots: Counter[str] = Counter()
         self._flusher = Flusher(limits.flush_delay)
 
     @property
     def client_subscriptions(self) -> int:
         return sum(len(s.subscriptions) for s in self.sessions.values())
 
-    @property
-    def full(self) -> bool:
-        """Every connection slot is taken (checked before the upgrade, to answer 503)."""
-        return self._slots.locked()
-
-    def user_full(self, sub: str) -> bool:
-        """``sub`` holds every connection it may here (checked before the upgrade, to answer 429)."""
-        return self._user_slots[sub] >= self.max_connections_per_user
-
-    @contextlib.asynccontextmanager
-    async def _user_slot(self, user: Identity | None) -> AsyncIterator[None]:
-        """Count one of ``user``'s connections from before the upgrade to the end.
-
-        Threat: one user's handshakes racing past the check.  ``ws.prepare``
-        awaits, and ``register`` comes after it, so counting there would let
-        every handshake already in flight pass routes.stream's check.  This is
-        entered synchronously right after that check (nothing awaits between).
-        """
-        if user is None:
-            yield
-            return
-        self._user_slots[user.sub] += 1
-        try:
-            yield
-        finally:
-            self._user_slots[user.sub] -= 1
-            if not self._user_slots[user.sub]:
-                del self._user_slots[user.sub]
-
     # -- one connection, start to end ----------------------------------------
 
     async def serve(self, request: web.Request, user: Identity | None = None) -> web.WebSocketResponse:
         """One WebSocket client: register, read its frames, always unregister."""
-        async with self._user_slot(user), self._slots:
+        async with self.admission.slot(user):
             limits = self.limits
             # compress=False: permessage-deflate would compress each frame once per
             # client, while the uncompressed frame is built once for all of them.
@@ -346,7 +315,7 @@ class WSSManager:
             for subject in subjects:
                 if subject not in stored:
                     raise BadFrame("history", f"no stream stores {subject!r}: it has no history")
-        self._check_stored_share(session, [s for s in wanted if s in stored])
+        self.registry.check_share(session, [s for s in wanted if s in stored], self.users)
         try:
             await self.registry.add(session, wanted, trusted, stored)
         except FeedUnavailable as exc:
@@ -372,30 +341,6 @@ class WSSManager:
                 extra["streams"] = streams
         return reply(True, msg_subscribed(subjects), request_id, action="subscribe", subjects=subjects,
                      **extra)
-
-    def _check_stored_share(self, session: Session, stored: list[str]) -> None:
-        """Refuse more stored patterns than one connection or one user may follow.
-
-        Threat: one user exhausting JetStream consumers for everyone.  Each stored
-        pattern costs a consumer (its live feed) on the NATS account, where streams
-        and other applications have limits of their own; without these shares one
-        user's connections could take them all, and then nobody else could read
-        history, resume, or even create the durable consumer their own app needs.
-        """
-        if not stored:
-            return
-        limits, is_stored = self.limits, self.registry.is_stored
-        mine = sum(1 for p in session.subscriptions if is_stored(p))
-        if mine + len(stored) > limits.max_stored_subjects:
-            raise BadFrame("limit", f"Stored subject limit: at most {limits.max_stored_subjects} subjects "
-                                    "from JetStream streams per connection (MAX_STORED_SUBJECTS)")
-        if session.user is None:
-            return
-        theirs = {p for s in self.users.get(session.user.sub, ()) for p in s.subscriptions if is_stored(p)}
-        if len(theirs | set(stored)) > limits.max_stored_subjects_per_user:
-            raise BadFrame("limit", f"Stored subject limit: user {session.user.sub} may follow at most "
-                                    f"{limits.max_stored_subjects_per_user} subjects from JetStream streams "
-                                    "at once (MAX_STORED_SUBJECTS_PER_USER)")
 
     async def unsubscribe(self, session: Session, subjects: list[str], request_id: Any = None
                           ) -> list[dict[str, Any]]:

@@ -711,9 +711,9 @@ async def test_request_without_origin_is_allowed(bridge, ws_factory):
 
 @pytest.mark.parametrize("origin", ["https://app.example", "null"])
 async def test_refused_origin_log_line_names_the_origin_and_the_setting(bridge, ws_factory, caplog, origin):
-    caplog.set_level("INFO", logger="access")
+    caplog.set_level("INFO", logger="bridge.web.access")
     assert await origin_status(ws_factory, bridge.ws_url, origin) == 403
-    messages = [r.getMessage() for r in caplog.records if r.name == "access"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "bridge.web.access"]
     lines = [m for m in messages if "refused /stream" in m]
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"refused /stream from 127.0.0.1: Origin {origin} "), lines

@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from nats.errors import Error as NatsError
 
 from bridge.core.delivery import Rule
+from bridge.core.frames import BadFrame
 from bridge.core.subjects import patterns_overlap
 from bridge.hub.session import Subscription
 from bridge.hub.topic import Topic
@@ -57,6 +58,31 @@ class Registry:
         """Is ``pattern`` followed through a live feed (its messages carry their sequence)?"""
         topic = self.topics.get(pattern)
         return topic is not None and topic.feed is not None
+
+    def check_share(self, session: Session, stored: list[str],
+                    users: Mapping[str, Iterable[Session]]) -> None:
+        """BadFrame if ``session`` may not follow the stored patterns ``stored`` as well.
+
+        Threat: one user exhausting JetStream consumers for everyone.  Each stored
+        pattern costs a consumer (its live feed) on the NATS account, where streams
+        and other applications have limits of their own; without these shares one
+        user's connections could take them all, and then nobody else could read
+        history, resume, or even create the durable consumer their own app needs.
+        """
+        if not stored:
+            return
+        limits, is_stored = self._limits, self.is_stored
+        mine = sum(1 for p in session.subscriptions if is_stored(p))
+        if mine + len(stored) > limits.max_stored_subjects:
+            raise BadFrame("limit", f"Stored subject limit: at most {limits.max_stored_subjects} subjects "
+                                    "from JetStream streams per connection (MAX_STORED_SUBJECTS)")
+        if session.user is None:
+            return
+        theirs = {p for s in users.get(session.user.sub, ()) for p in s.subscriptions if is_stored(p)}
+        if len(theirs | set(stored)) > limits.max_stored_subjects_per_user:
+            raise BadFrame("limit", f"Stored subject limit: user {session.user.sub} may follow at most "
+                                    f"{limits.max_stored_subjects_per_user} subjects from JetStream streams "
+                                    "at once (MAX_STORED_SUBJECTS_PER_USER)")
 
     async def streams_storing(self, patterns: list[str], fresh: bool) -> dict[str, StreamInfo]:
         """The stream storing each of ``patterns``, from one listing of the streams (one API call).

@@ -10,7 +10,7 @@ the link counters and this process's registry.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -36,87 +36,71 @@ class BridgeCollector:
         self._nats_connected = nats_connected
 
     def collect(self) -> Iterator[Metric]:
-        m, s, link = self._manager, self._manager.stats, self._link
+        yield from self._connections()
+        yield from self._traffic()
+        yield from self._jetstream()
+        yield from self._refusals()
 
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            return GaugeMetricFamily(f"bridge_{name}", doc, value=value)
-
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            return CounterMetricFamily(f"bridge_{name}", doc, value=value)
-
+    def _connections(self) -> Iterator[Metric]:
+        m = self._manager
         yield gauge("connections", "Open WebSocket connections.", len(m.sessions))
-        yield gauge(
-            "client_subscriptions", "Subjects followed by clients, summed over clients.",
-            m.client_subscriptions
-        )
-        yield gauge(
-            "nats_subscriptions", "NATS subscriptions of the bridge (one per pattern).",
-            len(m.registry.topics)
-        )
+        yield gauge("client_subscriptions", "Subjects followed by clients, summed over clients.",
+                    m.client_subscriptions)
+        yield gauge("nats_subscriptions", "NATS subscriptions of the bridge (one per pattern).",
+                    len(m.registry.topics))
         yield gauge("nats_connected", "1 while the NATS link is up.", 1 if self._nats_connected() else 0)
-        yield counter("connections_opened", "WebSocket connections accepted.", s.connections_opened)
+        yield counter("connections_opened", "WebSocket connections accepted.", m.stats.connections_opened)
+        yield counter("nats_reconnects", "Times the NATS link came back.", self._link.nats_reconnects)
+        yield counter("nats_disconnects", "Times the NATS link was lost.", self._link.nats_disconnects)
+
+    def _traffic(self) -> Iterator[Metric]:
+        s = self._manager.stats
         yield counter("nats_messages_received", "Messages received from NATS.", s.messages_received)
-        yield counter(
-            "nats_messages_filtered",
-            "Messages not forwarded because the subject policy denies them.",
-            s.filtered,
-        )
+        yield counter("nats_messages_filtered",
+                      "Messages not forwarded because the subject policy denies them.", s.filtered)
         yield counter("frames_sent", "WebSocket frames sent to clients.", s.frames_sent)
         yield counter("bytes_sent", "WebSocket payload bytes sent to clients.", s.bytes_sent)
         yield counter("messages_dropped", "Frames dropped for slow clients (drop_oldest policy).", s.dropped)
-        yield counter(
-            "slow_consumer_disconnects",
-            "Clients closed with 1013 for falling behind.",
-            s.slow_consumer_disconnects,
-        )
-        yield counter(
-            "rate_limit_disconnects",
-            "Clients closed with 1008 for flooding control frames.",
-            s.rate_limit_disconnects,
-        )
+        yield counter("slow_consumer_disconnects", "Clients closed with 1013 for falling behind.",
+                      s.slow_consumer_disconnects)
+        yield counter("rate_limit_disconnects", "Clients closed with 1008 for flooding control frames.",
+                      s.rate_limit_disconnects)
         yield counter("published", "Messages published from browsers.", s.published)
-        yield counter("nats_reconnects", "Times the NATS link came back.", link.nats_reconnects)
-        yield counter("nats_disconnects", "Times the NATS link was lost.", link.nats_disconnects)
-
         yield counter("token_expiries", "Connections closed with 4001: the token expired unrefreshed.",
                       s.token_expiries)
-        refreshes = CounterMetricFamily(
-            "bridge_token_refreshes", "Token refreshes on open connections, by result.", labels=["result"]
-        )
-        for result in ("ok", "refused"):
-            refreshes.add_metric([result], s.token_refreshes[result])
-        yield refreshes
+        yield labelled(CounterMetricFamily, "token_refreshes", "Token refreshes on open connections, "
+                       "by result.", "result", {r: s.token_refreshes[r] for r in ("ok", "refused")})
 
-        js = m.jetstream
-        calls = CounterMetricFamily(
-            "bridge_jetstream_api_calls", "JetStream API requests the bridge made, by call.", labels=["call"]
-        )
-        for call, n in sorted(js.calls.items()):
-            calls.add_metric([call], n)
-        yield calls
-        consumers = GaugeMetricFamily(
-            "bridge_jetstream_consumers", "JetStream consumers held now: live feeds and history readers.",
-            labels=["kind"],
-        )
-        consumers.add_metric(["feed"], js.consumers.feeds)
-        consumers.add_metric(["reader"], js.consumers.readers)
-        yield consumers
+    def _jetstream(self) -> Iterator[Metric]:
+        js = self._manager.jetstream
+        yield labelled(CounterMetricFamily, "jetstream_api_calls", "JetStream API requests the bridge made, "
+                       "by call.", "call", js.calls)
+        yield labelled(GaugeMetricFamily, "jetstream_consumers", "JetStream consumers held now: live feeds "
+                       "and history readers.", "kind",
+                       {"feed": js.consumers.feeds, "reader": js.consumers.readers})
 
-        bad = CounterMetricFamily(
-            "bridge_bad_frames", "Control frames answered with an error (a ping over the rate: left "
-            "unanswered), by kind.", labels=["kind"]
-        )
-        for kind, n in sorted(s.bad_frames.items()):
-            bad.add_metric([kind], n)
-        yield bad
-        refused = CounterMetricFamily(
-            "bridge_handshake_refusals",
-            "Requests refused before the upgrade (or at the control API), by reason.",
-            labels=["reason"],
-        )
-        for reason, n in sorted(link.refusals.items()):
-            refused.add_metric([reason], n)
-        yield refused
+    def _refusals(self) -> Iterator[Metric]:
+        yield labelled(CounterMetricFamily, "bad_frames", "Control frames answered with an error (a ping "
+                       "over the rate: left unanswered), by kind.", "kind", self._manager.stats.bad_frames)
+        yield labelled(CounterMetricFamily, "handshake_refusals", "Requests refused before the upgrade (or "
+                       "at the control API), by reason.", "reason", self._link.refusals)
+
+
+def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"bridge_{name}", doc, value=value)
+
+
+def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(f"bridge_{name}", doc, value=value)
+
+
+def labelled(kind: type[CounterMetricFamily] | type[GaugeMetricFamily], name: str, doc: str, label: str,
+             values: Mapping[str, float]) -> Metric:
+    """One family with a sample per label value, in label order."""
+    family = kind(f"bridge_{name}", doc, labels=[label])
+    for value, n in sorted(values.items()):
+        family.add_metric([value], n)
+    return family
 
 
 def make_registry(

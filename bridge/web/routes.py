@@ -40,13 +40,13 @@ async def stream(request: web.Request) -> web.StreamResponse:
         user = identify(request)
     except Refused as exc:
         return refused(request, exc)
-    if user is not None and manager.user_full(user.sub):
+    if user is not None and manager.admission.user_full(user.sub):
         # One user's token must not take every slot of the process from everyone else.
         # Nothing awaits between this check and serve() counting the slot (see there).
         return refuse(request, link.refusals, "user_connections", 429,
                       f"Too many connections: user {user.sub} already has "
-                      f"{manager.max_connections_per_user} connections (MAX_CONNECTIONS_PER_USER)")
-    if manager.full:
+                      f"{manager.admission.max_connections_per_user} connections (MAX_CONNECTIONS_PER_USER)")
+    if manager.admission.full:
         return refuse(request, link.refusals, "capacity", 503, "Too many connections; try again later")
     return await manager.serve(request, user)
 
