@@ -40,6 +40,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 TIMEOUT = 10.0
 
+# Slow by nature, whole modules: real Chromium, several processes, long campaigns, the
+# benchmark.  `make check` leaves every `slow` test out; `make test` runs them all.
+SLOW_MODULES = {"test_page", "test_client_lib", "test_page_load", "test_page_security", "test_soak", "test_fuzz",
+                "test_compose", "test_workers", "test_bench_smoke", "test_make_run"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__ in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
 
 def free_port() -> int:
     with socket.socket() as sock:

@@ -443,6 +443,7 @@ async def test_history_waits_for_a_client_that_stops_reading_and_others_are_unaf
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # waits for the watchdog (two missed heartbeats)
 async def test_live_feed_recovers_every_message_after_its_consumer_is_deleted(
     jbridge, ws_factory, js, stream
 ):
@@ -500,6 +501,7 @@ async def js_ready(url: str, name: str, subjects: list[str]) -> tuple[Any, Any]:
             await asyncio.sleep(0.5)
 
 
+@pytest.mark.slow  # a three-node JetStream cluster
 async def test_bridge_moving_to_another_cluster_node_keeps_the_live_sequence_intact(
     js_cluster, bridge_factory, ws_factory
 ):

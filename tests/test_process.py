@@ -450,6 +450,7 @@ NATS_KILLED_AT = [-0.5] * 3 + [-0.02, -0.01, -0.005, -0.003, -0.001, 0.0, 0.0, 0
 
 @pytest.mark.parametrize("killed_at", NATS_KILLED_AT,
                          ids=[f"{i}:{t:+g}s" for i, t in enumerate(NATS_KILLED_AT)])
+@pytest.mark.slow
 async def test_sigterm_exits_0_within_3_s_whatever_nats_does(ws_factory, killed_at):
     server = NatsServer().start()
     bp = spawn_bridge(env={"NATS_URL": server.url, "TEST_PUBLISH_INTERVAL": "0.05",

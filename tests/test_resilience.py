@@ -162,6 +162,7 @@ async def test_readyz_is_200_after_nats_returns(own_nats, outage_bridge, ws_fact
     assert await http_status_async(outage_bridge.http_url + "/readyz") == 200
 
 
+@pytest.mark.slow
 async def test_bridge_process_outlives_a_long_nats_outage(own_nats, bridge_process):
     # 0.03 s between attempts: 4 s of outage is about twice nats-py's default of
     # 60 attempts, after which a client without max_reconnect_attempts=-1 gives up.
@@ -245,6 +246,7 @@ async def cluster_setup(cluster, bridge_factory, ws_factory) -> AsyncIterator[di
             await asyncio.wait_for(nc.close(), TIMEOUT)
 
 
+@pytest.mark.slow
 async def test_cluster_failover_delivers_through_another_node_within_5_seconds(cluster_setup):
     s = cluster_setup
     started = time.monotonic()
@@ -255,6 +257,7 @@ async def test_cluster_failover_delivers_through_another_node_within_5_seconds(c
     assert not s["client"].ws.closed
 
 
+@pytest.mark.slow
 async def test_cluster_failover_keeps_the_client_socket(cluster_setup):
     s = cluster_setup
     await kill(s["home"])
@@ -263,6 +266,7 @@ async def test_cluster_failover_keeps_the_client_socket(cluster_setup):
     assert list(s["bridge"].manager.sessions) == [s["client"].connection_id]
 
 
+@pytest.mark.slow
 async def test_cluster_failover_leaves_one_bridge_subscription_on_surviving_nodes(cluster_setup):
     s = cluster_setup
     await kill(s["home"])
@@ -274,6 +278,7 @@ async def test_cluster_failover_leaves_one_bridge_subscription_on_surviving_node
     assert held.count(s["subject"]) == 1
 
 
+@pytest.mark.slow
 async def test_cluster_failover_delivers_each_message_once(cluster_setup):
     s = cluster_setup
     await kill(s["home"])
@@ -294,6 +299,7 @@ async def test_cluster_failover_delivers_each_message_once(cluster_setup):
     await s["client"].assert_silent(0.5)
 
 
+@pytest.mark.slow
 async def test_bridge_on_cluster_survives_losing_two_nodes_one_after_another(
     cluster, bridge_factory, ws_factory
 ):
@@ -317,6 +323,7 @@ async def test_bridge_on_cluster_survives_losing_two_nodes_one_after_another(
     assert frame["subject"] == subject
 
 
+@pytest.mark.slow
 async def test_readyz_is_200_after_cluster_failover(cluster_setup):
     s = cluster_setup
     await kill(s["home"])
