@@ -37,7 +37,7 @@ from bridge.core.stats import LinkStats
 from bridge.jetstream.api import HEARTBEAT
 from bridge.panini_workarounds import PANINI
 from bridge.plane.control_plane import PLANE, ControlPlane
-from bridge.process import demo, metrics, nats_link, siblings, workers
+from bridge.process import demo, memory, metrics, nats_link, siblings, workers
 from bridge.process.keys import KEYS, KeyStore
 from bridge.process.logs import AccessLog, configure_logging
 from bridge.process.metrics import LINK, REGISTRY
@@ -95,6 +95,7 @@ def create_app(config: Config, worker: Worker = workers.LONE) -> panini_app.App:
     if config.test_publish_interval > 0 and worker.index == 1:  # one test stream per host
         demo.register(app, config.test_publish_interval)
     app.task(interval=HEARTBEAT)(manager.registry.check_feeds)
+    app.task(interval=memory.INTERVAL)(memory.give_back)
 
     web_app.cleanup_ctx.append(keys.lifecycle)  # a bad key fails the start before NATS is tried
     # First in, last out: NATS outlives the rest.

@@ -33,11 +33,11 @@ does that a long-running bridge cannot live with, and what we do instead:
 
 5. **``App.subscribe_new_subject`` is not used for browser subscriptions**: it
    creates a task per message, drops payloads that are not JSON, and publishes
-   the callback's return value to the reply subject.  handler.py subscribes on
-   the nats-py client directly.
+   the callback's return value to the reply subject.  hub/registry.py subscribes
+   on the nats-py client directly.
 
 6. **The control plane's handlers are Panini's ``@app.listen``, subscribed by us.**
-   Request handlers are what Panini is for (control_plane.py registers them with
+   Request handlers are what Panini is for (plane/control_plane.py registers them with
    ``@app.listen``; Panini wraps each in its ``_ReceivedMessageHandler``, which
    publishes the handler's return value to the message's reply subject).  But
    Panini subscribes them only in ``App.start()`` (see 2), through

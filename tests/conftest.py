@@ -42,8 +42,8 @@ TIMEOUT = 10.0
 
 # Slow by nature, whole modules: real Chromium, several processes, long campaigns, the
 # benchmark.  `make check` leaves every `slow` test out; `make test` runs them all.
-SLOW_MODULES = {"test_page", "test_client_lib", "test_page_load", "test_page_security", "test_soak", "test_fuzz",
-                "test_compose", "test_workers", "test_bench_smoke", "test_make_run"}
+SLOW_MODULES = {"test_page", "test_client_lib", "test_page_load", "test_page_security", "test_soak",
+                "test_fuzz", "test_compose", "test_workers", "test_bench_smoke", "test_make_run"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

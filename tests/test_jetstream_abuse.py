@@ -397,3 +397,39 @@ async def test_history_flood_of_large_messages_loses_nothing_for_a_healthy_clien
         await asyncio.wait_for(nc.close(), TIMEOUT)
     assert got == list(range(published))
     assert bridge.app.http_server.web_app[LINK].nats_reconnects == 0
+
+
+def rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
+
+
+@pytest.mark.slow
+async def test_memory_comes_back_down_after_a_history_flood(js_server, bridge_process, ws_factory):
+    base = f"c{uuid.uuid4().hex[:8]}"
+    nc = await asyncio.wait_for(nats.connect(js_server.url), TIMEOUT)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(name=base.upper(), subjects=[f"{base}.>"], storage="memory")
+        pad = "x" * (60 * 1024)
+        for i in range(300):
+            await js.publish(f"{base}.big", json.dumps({"i": i, "pad": pad}).encode())
+    finally:
+        await asyncio.wait_for(nc.close(), TIMEOUT)
+    bridge = bridge_process(env={"NATS_URL": js_server.url, "TEST_PUBLISH_INTERVAL": "0",
+                                 "LOG_LEVEL": "WARNING"})
+    url = f"ws://127.0.0.1:{bridge.port}/stream"
+    idle = rss_mib(bridge.proc.pid)
+    readers = [await ws_factory(url, max_msg_size=0) for _ in range(10)]
+
+    async def read_history(client: Any) -> None:
+        for _ in range(3):
+            await client.request({"subjects": [f"{base}.big"], "history": {"last": 300}}, timeout=60)
+            got = 0
+            while got < 300:
+                got += bool((await client.receive(60)).get("history"))
+            await client.request({"action": "unsubscribe", "subjects": [f"{base}.big"]}, timeout=60)
+
+    await asyncio.gather(*(read_history(c) for c in readers))
+    # Given back within a trim interval or two (bridge/process/memory.py).
+    await eventually(lambda: rss_mib(bridge.proc.pid) < idle + 25, timeout=30, interval=1)

@@ -1,4 +1,4 @@
-"""Verifying a connection's JWT: pure functions over keys already loaded (keys.py loads them).
+"""Verifying a connection's JWT: pure functions over keys already loaded (process/keys.py loads them).
 
 Each check names what it stops:
 

@@ -192,7 +192,7 @@ def origin_refusal(origin: str) -> str:
 
     Only the log says it: the page that was refused is told no more than "Forbidden" (the
     body is readable cross-origin, and the settings are none of an attacker's business).
-    The log formatter escapes the header's control characters (logs.py).
+    The log formatter escapes the header's control characters (process/logs.py).
     """
     shown = origin[:ORIGIN_SHOWN] + ("..." if len(origin) > ORIGIN_SHOWN else "")
     if origin.strip().lower() == "null":

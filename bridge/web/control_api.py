@@ -10,8 +10,9 @@
 A backend is trusted: what it asks obeys the server's policy but not the
 user's token claims.  With user authentication configured it must present a
 ``CONTROL_TOKENS`` bearer (access.check_backend).  Each HTTP call becomes a
-``Command`` (commands.py), which the control plane (control_plane.py) carries
-out on every bridge process, wherever the connections are.
+``Command`` (core/commands.py), which the control plane
+(plane/control_plane.py) carries out on every bridge process, wherever the
+connections are.
 """
 
 from __future__ import annotations
