@@ -168,85 +168,87 @@ def token(sub: str) -> str:
     return hs256(claims(sub, ttl=600))
 
 
-async def test_one_user_cannot_take_the_consumers_another_user_and_another_app_need(
-    js_server, bridge_factory, ws_factory
-):
-    base = f"c{uuid.uuid4().hex[:8]}"
+@pytest.fixture
+async def jsnc(js_server: NatsServer) -> AsyncIterator[nats.NATS]:
+    """A NATS connection to the JetStream server, for the test's own streams and messages."""
     nc = await asyncio.wait_for(nats.connect(js_server.url), TIMEOUT)
-    try:
-        js = nc.jetstream()
-        name = base.upper()
-        await api(nc, f"STREAM.CREATE.{name}", {"name": name, "subjects": [f"{base}.>"], "storage": "memory",
-                                                  "max_consumers": 50})
-        for i in range(5):
-            await js.publish(f"{base}.bob", json.dumps({"n": i}).encode())
-        bridge = await bridge_factory(nats_url=js_server.url, jwt_secret=SECRET,
-                                      max_stored_subjects_per_user=20)
-        # Alice: five connections, twenty distinct stored subjects each.
-        refusals = []
-        for c in range(5):
-            alice = await ws_factory(f"{bridge.ws_url}?token={token('alice')}")
-            reply = await alice.request({"action": "subscribe",
-                                         "subjects": [f"{base}.a{c}x{i}" for i in range(20)]})
-            if not reply["success"]:
-                refusals.append(reply["message"])
-        assert len(refusals) == 4
-        assert all("MAX_STORED_SUBJECTS_PER_USER" in m for m in refusals), refusals
-        # Bob still reads history, and follows with sequences.
-        bob = await ws_factory(f"{bridge.ws_url}?token={token('bob')}")
-        reply = await bob.request({"subjects": [f"{base}.bob"], "history": {"last": 5}})
-        assert (reply["success"], reply["streams"][f"{base}.bob"]["history"]) == (True, 5), reply
-        assert [(await bob.receive_message())["data"] for _ in range(5)] == [{"n": i} for i in range(5)]
-        ack = await js.publish(f"{base}.bob", b'{"live": true}')
-        assert (await bob.receive_message())["seq"] == ack.seq
-        # And another application still makes its durable consumer.
-        made = await api(nc, f"CONSUMER.CREATE.{name}.worker",
-                         {"stream_name": name,
-                          "config": {"durable_name": "worker", "ack_policy": "explicit"}})
-        assert "error" not in made, made
-    finally:
+    yield nc
+    with suppress(Exception):
         await asyncio.wait_for(nc.close(), TIMEOUT)
+
+
+async def new_stream(nc: nats.NATS, **config: Any) -> str:
+    """A fresh memory stream on ``<base>.>``; its base subject (its name is the base in capitals)."""
+    base = f"c{uuid.uuid4().hex[:8]}"
+    answer = await api(nc, f"STREAM.CREATE.{base.upper()}",
+                       {"name": base.upper(), "subjects": [f"{base}.>"], "storage": "memory", **config})
+    assert "error" not in answer, answer
+    return base
+
+
+async def durable_consumer_made(nc: nats.NATS, stream: str, name: str) -> bool:
+    """Can another application of the account still make its durable consumer on ``stream``?"""
+    made = await api(nc, f"CONSUMER.CREATE.{stream}.{name}",
+                     {"stream_name": stream, "config": {"durable_name": name, "ack_policy": "explicit"}})
+    return "error" not in made
+
+
+async def test_one_user_cannot_take_the_consumers_another_user_and_another_app_need(
+    js_server, jsnc, bridge_factory, ws_factory
+):
+    base = await new_stream(jsnc, max_consumers=50)
+    js = jsnc.jetstream()
+    for i in range(5):
+        await js.publish(f"{base}.bob", json.dumps({"n": i}).encode())
+    bridge = await bridge_factory(nats_url=js_server.url, jwt_secret=SECRET, max_stored_subjects_per_user=20)
+    # Alice: five connections, twenty distinct stored subjects each.
+    refusals = []
+    for c in range(5):
+        alice = await ws_factory(f"{bridge.ws_url}?token={token('alice')}")
+        reply = await alice.request({"subjects": [f"{base}.a{c}x{i}" for i in range(20)]})
+        if not reply["success"]:
+            refusals.append(reply["message"])
+    assert len(refusals) == 4
+    assert all("MAX_STORED_SUBJECTS_PER_USER" in m for m in refusals), refusals
+    # Bob still reads history, and follows with sequences.
+    bob = await ws_factory(f"{bridge.ws_url}?token={token('bob')}")
+    reply = await bob.request({"subjects": [f"{base}.bob"], "history": {"last": 5}})
+    assert (reply["success"], reply["streams"][f"{base}.bob"]["history"]) == (True, 5), reply
+    assert [(await bob.receive_message())["data"] for _ in range(5)] == [{"n": i} for i in range(5)]
+    ack = await js.publish(f"{base}.bob", b'{"live": true}')
+    assert (await bob.receive_message())["seq"] == ack.seq
+    # And another application still makes its durable consumer.
+    assert await durable_consumer_made(jsnc, base.upper(), "worker")
 
 
 async def test_past_a_streams_share_of_consumers_a_subscribe_is_refused_in_words(
-    js_server, bridge_factory, ws_factory
+    js_server, jsnc, bridge_factory, ws_factory
 ):
-    base = f"c{uuid.uuid4().hex[:8]}"
-    nc = await asyncio.wait_for(nats.connect(js_server.url), TIMEOUT)
-    try:
-        name = base.upper()
-        await api(nc, f"STREAM.CREATE.{name}", {"name": name, "subjects": [f"{base}.>"], "storage": "memory",
-                                                  "max_consumers": 10})
-        bridge = await bridge_factory(nats_url=js_server.url)
-        client = await ws_factory(bridge.ws_url)
-        # 80% of the stream's 10 consumers may be live feeds: 8.
-        assert (await client.request({"subjects": [f"{base}.s{i}" for i in range(8)]}))["success"]
-        reply = await client.request({"subjects": [f"{base}.one.more"], "id": 9})
-        assert (reply["success"], reply["id"]) == (False, 9)
-        assert f"stream {name} has 8 of its 10 consumers in use" in reply["message"], reply
-        assert f"{base}.one.more" not in bridge.manager.registry.topics  # never quietly without sequences
-        # The connection carries on, and another app still has its consumers.
-        assert (await client.request({"subjects": ["not.stored.here"]}))["success"]
-        made = await api(nc, f"CONSUMER.CREATE.{name}.app",
-                         {"stream_name": name, "config": {"durable_name": "app", "ack_policy": "explicit"}})
-        assert "error" not in made, made
-    finally:
-        await asyncio.wait_for(nc.close(), TIMEOUT)
+    base = await new_stream(jsnc, max_consumers=10)
+    name = base.upper()
+    bridge = await bridge_factory(nats_url=js_server.url)
+    client = await ws_factory(bridge.ws_url)
+    # 80% of the stream's 10 consumers may be live feeds: 8.
+    assert (await client.request({"subjects": [f"{base}.s{i}" for i in range(8)]}))["success"]
+    reply = await client.request({"subjects": [f"{base}.one.more"], "id": 9})
+    assert (reply["success"], reply["id"]) == (False, 9)
+    assert f"stream {name} has 8 of its 10 consumers in use" in reply["message"], reply
+    assert f"{base}.one.more" not in bridge.manager.registry.topics  # never quietly without sequences
+    # The connection carries on, and another app still has its consumers.
+    assert (await client.request({"subjects": ["not.stored.here"]}))["success"]
+    assert await durable_consumer_made(jsnc, name, "app")
 
 
-async def test_one_connection_follows_at_most_max_stored_subjects(js_server, bridge_factory, ws_factory):
-    base = f"c{uuid.uuid4().hex[:8]}"
-    nc = await asyncio.wait_for(nats.connect(js_server.url), TIMEOUT)
-    try:
-        await nc.jetstream().add_stream(name=base.upper(), subjects=[f"{base}.>"])
-        bridge = await bridge_factory(nats_url=js_server.url, max_stored_subjects=3)
-        client = await ws_factory(bridge.ws_url)
-        assert (await client.request({"subjects": [f"{base}.{i}" for i in range(3)]}))["success"]
-        reply = await client.request({"subjects": [f"{base}.x"]})
-        assert not reply["success"] and "MAX_STORED_SUBJECTS" in reply["message"]
-        assert (await client.request({"subjects": ["plain.core.subject"]}))["success"]
-    finally:
-        await asyncio.wait_for(nc.close(), TIMEOUT)
+async def test_one_connection_follows_at_most_max_stored_subjects(
+    js_server, jsnc, bridge_factory, ws_factory
+):
+    base = await new_stream(jsnc)
+    bridge = await bridge_factory(nats_url=js_server.url, max_stored_subjects=3)
+    client = await ws_factory(bridge.ws_url)
+    assert (await client.request({"subjects": [f"{base}.{i}" for i in range(3)]}))["success"]
+    reply = await client.request({"subjects": [f"{base}.x"]})
+    assert not reply["success"] and "MAX_STORED_SUBJECTS" in reply["message"]
+    assert (await client.request({"subjects": ["plain.core.subject"]}))["success"]
 
 
 # ---------------------------------------------------------------------------
