@@ -28,6 +28,7 @@ from bridge.core.frames import encode_nats_message, text_frame
 from bridge.core.stats import Stats
 from bridge.hub.outbox import Flusher, Outbox
 from bridge.hub.topic import Topic
+from bridge.jetstream.api import rfc3339
 
 
 def msg(subject: str, data: bytes, headers: dict[str, str] | None = None, reply: str = "") -> Msg:
@@ -308,3 +309,13 @@ async def test_flusher_with_a_delay_writes_what_came_meanwhile_together_a_delay_
     assert names == ["first", "second", "third"]
     first, second, third = (run for _, run in flushed)
     assert second == third and second - first >= 0.045  # one run, a delay after the first
+
+
+@pytest.mark.parametrize(("ns", "text"), [
+    (1_764_979_200_123_456_789, "2025-12-06T00:00:00.123456789Z"),
+    (1_764_979_200_476_886_690, "2025-12-06T00:00:00.47688669Z"),  # as JetStream writes it: no trailing zero
+    (1_764_979_200_500_000_000, "2025-12-06T00:00:00.5Z"),
+    (1_764_979_200_000_000_000, "2025-12-06T00:00:00Z"),
+])
+def test_a_stored_messages_time_is_written_as_jetstream_writes_it(ns, text):
+    assert rfc3339(ns) == text

@@ -156,9 +156,12 @@ def _utc_second(seconds: int) -> str:
 
 
 def rfc3339(timestamp_ns: int) -> str:
-    """A JetStream timestamp as RFC 3339 in UTC with nanoseconds, as JetStream writes them."""
+    """A JetStream timestamp as RFC 3339 in UTC, written exactly as JetStream's own API writes it
+    (Go's RFC3339Nano: no trailing zeros in the fraction), so that a message's ``time`` is the same
+    string whichever way it was read (a live feed, a reader, a message get)."""
     seconds, nanos = divmod(timestamp_ns, NS)
-    return f"{_utc_second(seconds)}.{nanos:09d}Z"
+    fraction = f".{nanos:09d}".rstrip("0") if nanos else ""
+    return f"{_utc_second(seconds)}{fraction}Z"
 
 
 def parse_headers(raw: bytes) -> dict[str, str] | None:
