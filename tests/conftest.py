@@ -7,6 +7,7 @@ import asyncio
 import base64
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -52,10 +53,33 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on now, outside the kernel's ephemeral range.
+
+    Why outside it: between this check and the server binding the port, any
+    outgoing connection (another test's client, a NATS route) may be given an
+    ephemeral port, and with several test runs at once one took a port chosen
+    this way: its nats-server failed to start.  Outgoing connections never get
+    a port below the range.
+    """
+    low, _ = _ephemeral_range()
+    for _ in range(1000):
+        port = random.randrange(10_000, low) if low > 11_000 else 0
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def wait_for_port(port: int, timeout: float = 10.0, proc: subprocess.Popen[Any] | None = None) -> None:
