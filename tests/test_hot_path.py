@@ -104,8 +104,12 @@ class Sink:
     frames: list[bytes] = field(default_factory=list)
     closing: bool = False
     closed_with: int | None = None
+    sse: bool = False  # a WebSocket's outbox (the topic keeps event streams apart)
 
     def send(self, frame: bytes) -> None:
+        self.frames.append(frame)
+
+    def send_message(self, frame: bytes, pattern: str, seq: int | None) -> None:
         self.frames.append(frame)
 
     def close_soon(self, code: int, reason: str) -> None:
