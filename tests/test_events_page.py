@@ -1,4 +1,4 @@
-"""A page with a plain EventSource, in real Chromium: loss-free across a bridge restart, with no code of its own.
+"""A plain EventSource in real Chromium: loss-free across a bridge restart, with no code of its own.
 
 The page is a document of the bridge's own origin (``/healthz``: EventSource there is
 same-origin, which the bridge's CSP, ``connect-src 'self'``, allows); all it does is
