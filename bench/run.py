@@ -6,7 +6,8 @@
     .venv/bin/python bench/run.py --workloads W5 --workers 1,2   # the ceiling with WORKERS=1 and 2
 
 Workloads (full size):
-  W1 fan-out   1000 clients, one subject, 100 msg/s for 10 s
+  W1 fan-out   1000 clients, one subject, 100 msg/s for 10 s (and the same over Server-Sent
+               Events, on a stored subject, and with FLUSH_DELAY=0.05, against the bridge)
   W2 latency   100 clients, 200 msg/s for 10 s
   W3 burst     100 clients, 5000 messages as fast as the publisher can
   W4 scale     10 000 idle connections over 100 subjects (RSS/conn, conn/s), then 3 msgs/subject
@@ -51,6 +52,7 @@ from bench.report import (  # noqa: E402
 WORKLOADS = ("W1", "W2", "W3", "W4", "W5")
 FLUSH_DELAY_LABEL = "FLUSH_DELAY=0.05"
 STORED_LABEL = "stored (JetStream)"
+SSE_LABEL = "SSE"
 
 # name -> settings; "rate" None = as fast as possible.
 FULL = {
@@ -268,6 +270,20 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row.system_busy:.1f} s ({time.monotonic() - t0:.1f} s in all)", flush=True)
             for e in row.errors[:5]:
                 print(f"    {e}", flush=True)
+
+    if "W1" in args.workloads and "bridge" in args.targets:
+        # The same W1 with every client on /events (Server-Sent Events) instead of the WebSocket:
+        # its CPU per delivered message beside the WebSocket row's, in the same run; then on a
+        # stored subject, where each event carries its connection's own id.
+        for stored in (False, True):
+            label = f"W1 {SSE_LABEL}" + (f" {STORED_LABEL}" if stored else "")
+            print(f"bench: {label} bridge ...", flush=True)
+            case = make_case("W1", "bridge", cfgs["W1"], args.smoke, load, transport="sse", stored=stored,
+                             label="sse-stored" if stored else "sse")
+            try:
+                rows.append((label, run_case(case, workdir, bridge_args)))
+            except (HarnessError, RuntimeError, OSError) as exc:
+                errors.append(f"{label} bridge: {exc}")
 
     if "W1" in args.workloads and "bridge" in args.targets:
         # The same W1 on a subject a JetStream stream stores: live delivery through
