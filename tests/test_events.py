@@ -180,6 +180,29 @@ async def test_ids_come_on_stored_subjects_only(jbridge, events, js):
     assert live.id is None and "seq" not in live.frame
 
 
+async def test_a_stored_message_published_while_the_stream_begins_has_its_id_after_the_welcomes(
+        js_server, bridge_factory, events, js):
+    _, base = await new_stream(js)
+    subject = f"{base}.x"
+
+    async def slow_prepare(request: Any, response: Any) -> None:
+        if request.path == "/events" and "Last-Event-ID" not in request.headers:
+            # Subscribed, the response not begun: the message waits in the stream's queue.
+            await store(js, subject, 1)
+            await asyncio.sleep(0.3)
+
+    bridge = await bridge_factory(nats_url=js_server.url, on_response_prepare=slow_prepare)
+    stream = await events(url(bridge), subject=subject, welcome=False)
+    welcome = await stream.next()
+    message = await stream.message()
+    assert welcome.kind == "welcome" and message.id is not None and message.id != welcome.id
+    # The welcome's id stands before that message: a stream broken off right after the welcome
+    # gets it on its resume.
+    again = await events(url(bridge), subject=subject, headers={"Last-Event-ID": welcome.id})
+    assert (await again.next()).frame["recovered"] is True
+    assert (await again.message()).frame["data"] == {"n": 0}
+
+
 async def test_a_comment_line_keeps_a_silent_stream_open(nats_server, bridge_factory, events):
     bridge = await bridge_factory(nats_url=nats_server.url, ping_interval=0.2)
     stream = await events(url(bridge), subject=unique())

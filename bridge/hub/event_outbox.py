@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 class EventOutbox(Outbox):
     sse = True
 
-    __slots__ = ("_chunked", "_head", "_held", "_index", "_last_write", "_ping", "_seqs", "ended")
+    __slots__ = ("_chunked", "_head", "_held", "_index", "_last_write", "_ping", "_seqs", "_welcome_id",
+                 "ended")
 
     def __init__(self, transport: asyncio.Transport, protocol: BaseProtocol, stream: AbstractStreamWriter,
                  limits: Limits, stats: Stats, flusher: Flusher, label: str, chunked: bool) -> None:
@@ -54,6 +55,8 @@ class EventOutbox(Outbox):
         self._head = b""
         self._index: dict[str, int] = {}
         self._seqs: list[str] = []
+        # The positions just before the first message that waited for the response: the welcome's id.
+        self._welcome_id: bytes | None = None
         self._last_write = time.monotonic()
         self._ping: asyncio.TimerHandle | None = None
         # Done when the stream has ended: closed by us, or the peer hung up.
@@ -66,8 +69,17 @@ class EventOutbox(Outbox):
     # -- ids ---------------------------------------------------------------------
 
     def track(self, head: bytes, slots: dict[str, int], seqs: list[str]) -> None:
-        """Carry ids from now on: ``slots`` maps each stored pattern to its position in ``seqs``."""
+        """Carry ids: ``slots`` maps each stored pattern to its position in ``seqs``.
+
+        Called before anything is followed, so every stored message has its id, even one
+        that arrives while the stream is being set up."""
         self._head, self._index, self._seqs = head, slots, seqs
+
+    def reposition(self, pattern: str, seq: int) -> None:
+        """``pattern`` stands at ``seq`` now (a resume that could not be made starts from here)."""
+        slot = self._index.get(pattern)
+        if slot is not None:
+            self._seqs[slot] = str(seq)
 
     def event_id(self) -> bytes | None:
         """The id that resumes every stored subject from here (None: the stream has none)."""
@@ -75,11 +87,17 @@ class EventOutbox(Outbox):
             return None
         return self._head + b"." + ".".join(self._seqs).encode("ascii")
 
+    def welcome_id(self) -> bytes | None:
+        """The welcome's id: it goes out before what waited, so it says where things stood before."""
+        return self._welcome_id if self._welcome_id is not None else self.event_id()
+
     def send_message(self, frame: bytes, pattern: str, seq: int | None) -> None:
         # The one per-connection cost of a stored message: its id (the event itself is shared).
         if seq is not None:
             slot = self._index.get(pattern)
             if slot is not None:
+                if self._held and self._welcome_id is None:
+                    self._welcome_id = self.event_id()
                 seqs = self._seqs
                 seqs[slot] = str(seq)
                 frame = b"id: " + self._head + b"." + ".".join(seqs).encode("ascii") + b"\n" + frame

@@ -24,21 +24,20 @@ stream's ``first_seq``), and live messages go on.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 from bridge.core.frames import BadFrame
-from bridge.core.sse import EventIdError, parse_event_id, stream_key
+from bridge.core.sse import PENDING, EventIdError, id_head, parse_event_id, stream_key
 from bridge.core.subjects import patterns_overlap
 
 if TYPE_CHECKING:
     from bridge.core.sse import EventsQuery
+    from bridge.hub.event_outbox import EventOutbox
     from bridge.hub.session import Session
     from handler import WSSManager
 
 logger = logging.getLogger(__name__)
-
-PENDING = "-"
 
 
 class NotFollowed(Exception):
@@ -53,18 +52,23 @@ class NotFollowed(Exception):
 
 @dataclass
 class Start:
-    """What following the URL's subjects gave: each stored subject's position, and a resume's outcome."""
+    """What following the URL's subjects gave: a resume's ``recovered`` event (None: not a resume)."""
 
-    # The URL's subjects, in its order: an id's indices refer to this list.
-    subjects: list[str]
-    # (index in ``subjects``, pattern, stream key, last sequence or "-" while its history has not begun)
-    positions: list[tuple[int, str, bytes, str]] = field(default_factory=list)
-    # The ``recovered`` event of a resume.
     recovered: dict[str, Any] | None = None
 
 
+# What is known of a stored subject before it is followed: its stream, the stream's epoch, and a
+# sequence at or before where it will stand once followed (a resume from there may send a little
+# more than the stream missed, stored before it began, never less).
+Known = tuple[str, str, int]
+
+
 async def follow(manager: WSSManager, session: Session, query: EventsQuery) -> Start:
-    """Subscribe ``session`` to the URL's subjects, as asked; ``NotFollowed`` if any is refused."""
+    """Subscribe ``session`` to the URL's subjects, as asked; ``NotFollowed`` if any is refused.
+
+    The stream's ids are set up first (``EventOutbox.track``): a stored message that arrives while
+    the other subjects are being followed already has its id.
+    """
     subjects = query.subjects
     for subject in subjects:
         refusal = session.perms.subscribe_refusal(subject)
@@ -74,11 +78,19 @@ async def follow(manager: WSSManager, session: Session, query: EventsQuery) -> S
     order = [s for s in subjects if s in stored] + [s for s in subjects if s not in stored]
     if query.last_event_id is not None:
         return await _resume(manager, session, query, stored, order)
-    reply = await _subscribe(manager, session, order, query.history)
-    streams = reply.get("streams", {})
     # With history, a subject's position is set by its first history event: until then, pending.
-    seqs = {s: PENDING if query.history is not None else str(e["last_seq"]) for s, e in streams.items()}
-    return Start(subjects, _positions(subjects, streams, seqs))
+    _track(session, subjects, stored, {s: PENDING if query.history is not None else str(known[2])
+                                       for s, known in stored.items()})
+    await _subscribe(manager, session, order, query.history)
+    return Start()
+
+
+def _track(session: Session, subjects: list[str], stored: dict[str, Known], seqs: dict[str, str]) -> None:
+    """The stream's ids: each stored subject's index in the URL, its stream's key, where it stands."""
+    positions = [(index, s) for index, s in enumerate(subjects) if s in stored]
+    head = id_head(subjects, [(index, stream_key(*stored[s][:2])) for index, s in positions])
+    outbox = cast("EventOutbox", session.outbox)
+    outbox.track(head, {s: slot for slot, (_, s) in enumerate(positions)}, [seqs[s] for _, s in positions])
 
 
 def drop_history(manager: WSSManager, session: Session) -> None:
@@ -88,19 +100,20 @@ def drop_history(manager: WSSManager, session: Session) -> None:
     session.plans.clear()
 
 
-async def _stored(manager: WSSManager, subjects: list[str]) -> dict[str, tuple[str, str]]:
-    """The stream (name, epoch) of each subject that one stores, as far as is known now.
+async def _stored(manager: WSSManager, subjects: list[str]) -> dict[str, Known]:
+    """What is known of each subject a stream stores, as far as is known now.
 
     One listing of the streams, and none when every subject is followed already."""
     registry = manager.registry
     listed = await registry.streams_storing(subjects, fresh=False)
-    found: dict[str, tuple[str, str]] = {}
+    found: dict[str, Known] = {}
     for subject in subjects:
         topic = registry.topics.get(subject)
         if topic is not None and topic.feed is not None:
-            found[subject] = (topic.feed.stream, topic.epoch)
+            found[subject] = (topic.feed.stream, topic.epoch, topic.feed.last_seq)
         elif topic is None and subject in listed:
-            found[subject] = (listed[subject].name, listed[subject].epoch)
+            info = listed[subject]
+            found[subject] = (info.name, info.epoch, info.last_seq)
     return found
 
 
@@ -120,14 +133,7 @@ async def _subscribe(manager: WSSManager, session: Session, subjects: list[str],
     return reply
 
 
-def _positions(subjects: list[str], streams: dict[str, dict[str, Any]],
-               seqs: dict[str, str]) -> list[tuple[int, str, bytes, str]]:
-    return [(index, s, stream_key(streams[s]["stream"], streams[s]["epoch"]), seqs[s])
-            for index, s in enumerate(subjects) if s in streams]
-
-
-def _asked(query: EventsQuery, stored: dict[str, tuple[str, str]]
-           ) -> tuple[dict[str, dict[str, Any]], list[str]]:
+def _asked(query: EventsQuery, stored: dict[str, Known]) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """The history each stored subject asks on this reconnect, and why it cannot be resumed (if so)."""
     assert query.last_event_id is not None
     try:
@@ -144,7 +150,7 @@ def _asked(query: EventsQuery, stored: dict[str, tuple[str, str]]
             if query.history is not None:
                 asked[subject] = query.history  # its history had not begun: ask it again
         else:
-            name, epoch = stored[subject]
+            name, epoch, _ = stored[subject]
             # The id names one incarnation of one stream: another (recreated, or another stream
             # storing the subject now) gets an epoch it cannot match, so the plan says not recovered.
             same = position.stream == stream_key(name, epoch)
@@ -153,9 +159,11 @@ def _asked(query: EventsQuery, stored: dict[str, tuple[str, str]]
 
 
 async def _resume(manager: WSSManager, session: Session, query: EventsQuery,
-                  stored: dict[str, tuple[str, str]], order: list[str]) -> Start:
+                  stored: dict[str, Known], order: list[str]) -> Start:
     asked, lost = _asked(query, stored)
-    resumed = {s for s, h in asked.items() if "after_seq" in h}
+    resumed = {s: h["after_seq"] for s, h in asked.items() if "after_seq" in h}
+    _track(session, query.subjects, stored, {s: str(resumed[s]) if s in resumed else PENDING if s in asked
+                                             else str(known[2]) for s, known in stored.items()})
     streams: dict[str, dict[str, Any]] = {}
     plain: list[str] = []
     for subject in [*order, None]:
@@ -163,19 +171,16 @@ async def _resume(manager: WSSManager, session: Session, query: EventsQuery,
             plain.append(subject)  # followed as they come, in one request, before the next resumed one
             continue
         if plain:
-            streams.update((await _subscribe(manager, session, plain, None)).get("streams", {}))
+            await _subscribe(manager, session, plain, None)
             plain = []
         if subject is not None:
-            streams[subject] = await _resume_one(manager, session, subject, asked[subject], resumed, lost)
+            streams[subject] = await _resume_one(manager, session, subject, asked[subject], set(resumed),
+                                                 lost)
     recovered = not lost and all(streams[s].get("recovered") for s in resumed)
     if not recovered:
-        _forget_history(manager, session)
-    seqs = {s: str(e["last_seq"]) for s, e in streams.items()}
-    if recovered:
-        seqs.update({s: str(asked[s]["after_seq"]) if s in resumed else PENDING for s in asked})
+        _forget_history(manager, session, list(asked))
     manager.stats.event_resumes["true" if recovered else "false"] += 1
-    return Start(query.subjects, _positions(query.subjects, streams, seqs),
-                 _recovered(recovered, {s: streams[s] for s in resumed}, lost))
+    return Start(_recovered(recovered, {s: streams[s] for s in resumed}, lost))
 
 
 async def _resume_one(manager: WSSManager, session: Session, subject: str, history: dict[str, Any],
@@ -198,14 +203,26 @@ async def _resume_one(manager: WSSManager, session: Session, subject: str, histo
     return entry
 
 
-def _forget_history(manager: WSSManager, session: Session) -> None:
-    """All or nothing: no history after all; what was held back meanwhile follows, then live."""
-    plans, session.plans = session.plans, []
-    for plan in plans:
-        plan.drop(manager.jetstream)
-        topic = manager.registry.topics.get(plan.pattern)
-        if topic is not None:
-            topic.resume(session.outbox, 0)
+def _forget_history(manager: WSSManager, session: Session, asked: list[str]) -> None:
+    """All or nothing: no history after all; what was held back meanwhile follows, then live.
+
+    Each subject that asked for history then stands right before what was held back for it (or
+    where its feed is, if nothing was): a later reconnect resumes from there, not from the gap
+    this one could not close."""
+    plans = {plan.pattern: plan for plan in session.plans}
+    session.plans = []
+    outbox = cast("EventOutbox", session.outbox)
+    for pattern in asked:
+        plan = plans.get(pattern)
+        if plan is not None:
+            plan.drop(manager.jetstream)
+        topic = manager.registry.topics.get(pattern)
+        if topic is None or topic.feed is None:
+            continue
+        backlog = topic.paused.get(outbox)
+        held = backlog.messages if backlog is not None else []
+        outbox.reposition(pattern, held[0][0] - 1 if held else topic.feed.last_seq)
+        topic.resume(outbox, 0)
 
 
 def _recovered(recovered: bool, streams: dict[str, dict[str, Any]], lost: list[str]) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from aiohttp import HttpVersion11, web
 
 from bridge.config import CONFIG
 from bridge.core.frames import dump
-from bridge.core.sse import QueryError, event, id_head, parse_query
+from bridge.core.sse import QueryError, event, parse_query
 from bridge.hub.event_outbox import EventOutbox
 from bridge.web.access import MANAGER, Refused, admit, origin_allowed, refused
 from bridge.web.event_start import NotFollowed, Start, drop_history, follow
@@ -177,10 +177,7 @@ def _watch_hang_up(request: web.Request, outbox: EventOutbox) -> None:
 
 def _preamble(manager: WSSManager, session: Session, outbox: EventOutbox, start: Start) -> bytes:
     """``retry:`` and the welcome (with the id to resume from), then a resume's ``recovered``."""
-    stored = [(index, key) for index, _, key, _ in start.positions]
-    slots = {pattern: slot for slot, (_, pattern, _, _) in enumerate(start.positions)}
-    outbox.track(id_head(start.subjects, stored), slots, [seq for *_, seq in start.positions])
-    body = event("welcome", dump(manager.welcome(session)), outbox.event_id(), random.randint(*RETRY_MS))
+    body = event("welcome", dump(manager.welcome(session)), outbox.welcome_id(), random.randint(*RETRY_MS))
     if start.recovered is not None:
         body += event("recovered", dump(start.recovered))
     return body
