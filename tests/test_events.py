@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import random
 import socket
 import time
 import uuid
@@ -20,6 +21,7 @@ from typing import Any
 import aiohttp
 import nats
 import pytest
+import yarl
 from conftest import TIMEOUT, eventually, nats_synced, publish, running_bridge, unique
 from event_stream import EventStream, events
 from minting import SECRET, claims, hs256
@@ -27,6 +29,7 @@ from test_control_plane import acquainted
 
 from bridge.core.sse import (
     EventIdError,
+    QueryError,
     data_lines,
     id_head,
     parse_event_id,
@@ -104,6 +107,13 @@ def test_an_id_the_bridge_never_gave_is_refused_in_words(text):
         parse_event_id(text, ["a"])
 
 
+@pytest.mark.parametrize("seqs", ["\u00b2", "\u0661", "+1", "-1", str(2**64), "1.2", "", "1 "])
+def test_an_id_whose_positions_are_not_sequences_is_refused_in_words(seqs):
+    head = id_head(["a"], [(0, stream_key("A", "e"))]).decode()
+    with pytest.raises(EventIdError):
+        parse_event_id(f"{head}.{seqs}", ["a"])
+
+
 def test_an_id_given_for_another_list_of_subjects_is_refused():
     head = id_head(["a", "b"], [(0, stream_key("A", "e"))]).decode()
     with pytest.raises(EventIdError, match="another list"):
@@ -121,6 +131,12 @@ def test_the_url_asks_one_history_form_at_most():
     with pytest.raises(ValueError, match="at most one"):
         parse_query(["a"], {"last": "1", "since": "x"}, None, 50, 256)
     assert parse_query(["a", "a"], {"last": "3"}, None, 50, 256).history == {"last": 3}
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "\u0661", "+1", "1e3", "1234567890"])
+def test_a_last_that_is_not_plain_digits_is_refused_in_words(value):
+    with pytest.raises(QueryError, match="whole number"):
+        parse_query(["a"], {"last": value}, None, 50, 256)
 
 
 def test_the_last_event_id_header_wins_over_the_query_form():
@@ -345,6 +361,38 @@ async def test_max_connections_counts_sockets_and_streams_alike(nats_server, bri
     assert refused.value.status == 503
 
 
+async def test_odd_urls_and_ids_get_a_stream_or_a_refusal_in_words_never_an_error(jbridge, js):
+    """A few hundred URLs and Last-Event-IDs of every odd shape: each answer is a stream or a
+    400/403 saying why, and the bridge goes on serving (no 500, no traceback)."""
+    _, base = await new_stream(js)
+    rng = random.Random(20)
+    pieces = [f"{base}.x", f"{base}.*", "a", ">", "*", "a..b", "", " ", "\u00e9", "$JS.API.>", "_INBOX.1",
+              "a" * 300, "a.\x00", "a.b", "%3E", "\ufffd"]
+    # "\u00b2" is a digit to str.isdigit and not to int(); the AQ ids are well-formed heads.
+    values = ["1", "0", "-1", "99999999999", "true", "false", "x", "", "2026-01-01T00:00:00Z", "\u00b2",
+              "AQ.\u00b2", "AQAAAAAA.\u00b2"]
+    # (Longest: under aiohttp's own 8190-byte limit on a header line, past which it answers 400 itself.)
+    ids = ["", "x", ".", "..", "AQ.1", "A" * 8100, "AQAAAAAA.1.2", "-.-", "!!!", "AQ==.1"]
+    head = id_head([f"{base}.x"], [(0, stream_key("S", "e"))]).decode()  # well-formed for that URL
+    values += [f"{head}.\u00b2", f"{head}.{2**64}", f"{head}.-", f"{head}.1.2", f"{head}.+1"]
+    names = ["last", "since", "last_per_subject", "last_event_id"]
+    timeout = aiohttp.ClientTimeout(total=TIMEOUT)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(300):
+            query = [("subject", rng.choice(pieces)) for _ in range(rng.randint(0, 3))]
+            query += [(name, rng.choice(values)) for name in rng.sample(names, rng.randint(0, 2))]
+            headers = {"Last-Event-ID": rng.choice(ids)} if rng.random() < 0.3 else {}
+            target = yarl.URL(url(jbridge)).with_query(query)
+            async with session.get(target, headers=headers, timeout=timeout) as resp:
+                assert resp.status in (200, 400, 403), (query, headers, resp.status)
+                if resp.status == 200:
+                    assert (await asyncio.wait_for(resp.content.readline(), TIMEOUT)).startswith(b"retry: ")
+                else:
+                    assert (await resp.json())["success"] is False
+    await eventually(lambda: not jbridge.manager.sessions)
+    assert jbridge.manager.registry.topics == {}
+
+
 # ---------------------------------------------------------------------------
 # Resume
 # ---------------------------------------------------------------------------
@@ -400,6 +448,27 @@ async def test_a_resume_the_stream_can_no_longer_serve_says_recovered_false_with
     assert (recovered["type"], recovered["recovered"], recovered["first_seq"]) == ("recovered", False, 3)
     await store(js, f"{base}.x", 1, start=2)
     assert await ns(again, 1) == [2]  # no history, live goes on
+
+
+async def test_a_resume_is_all_or_nothing_over_every_stream_of_the_connection(jbridge, events, js):
+    _, a = await new_stream(js)
+    b_name, b = await new_stream(js)
+    subjects = [f"{a}.x", f"{b}.y"]
+    first = await events(url(jbridge), subject=subjects)
+    await store(js, subjects[0], 1)
+    await store(js, subjects[1], 1, start=100)
+    assert sorted(await ns(first, 2)) == [0, 100]
+    last_id = first.last_event_id
+    await first.close()
+    await store(js, subjects[0], 1, start=1)  # a could be resumed...
+    await store(js, subjects[1], 1, start=101)
+    await js.purge_stream(b_name)  # ...but b cannot
+    again = await events(url(jbridge), subject=subjects, headers={"Last-Event-ID": last_id})
+    recovered = (await again.next()).frame
+    assert recovered["recovered"] is False and recovered["streams"][subjects[0]]["history"] == 0, recovered
+    assert recovered["first_seq"] == 3  # b's stream now begins after what was purged
+    await store(js, subjects[0], 1, start=2)
+    assert await ns(again, 1) == [2]  # a's missed one is not sent: no history at all; live goes on
 
 
 async def test_the_last_event_id_wins_over_last_in_the_url(jbridge, events, js):

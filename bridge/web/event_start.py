@@ -70,6 +70,7 @@ async def follow(manager: WSSManager, session: Session, query: EventsQuery) -> S
     the other subjects are being followed already has its id.
     """
     subjects = query.subjects
+    # (The subscribe checks them too: refused here first, nothing is listed or followed.)
     for subject in subjects:
         refusal = session.perms.subscribe_refusal(subject)
         if refusal:
