@@ -118,30 +118,25 @@ class WSSManager:
         return self._user_slots[sub] >= self.max_connections_per_user
 
     @contextlib.asynccontextmanager
-    async def _user_slot(self, user: Identity | None) -> AsyncIterator[None]:
-        """Count one of ``user``'s connections from before the upgrade to the end.
+    async def slot(self, user: Identity | None) -> AsyncIterator[None]:
+        """One of ``user``'s connections and one of the process's (MAX_CONNECTIONS), WebSocket or
+        event stream alike, from before the upgrade (or the stream) to the end.
 
         Threat: one user's handshakes racing past the check.  ``ws.prepare``
         awaits, and ``register`` comes after it, so counting there would let
-        every handshake already in flight pass routes.stream's check.  This is
+        every handshake already in flight pass access.admit's check.  This is
         entered synchronously right after that check (nothing awaits between).
         """
-        if user is None:
-            yield
-            return
-        self._user_slots[user.sub] += 1
+        if user is not None:
+            self._user_slots[user.sub] += 1
         try:
-            yield
+            async with self._slots:
+                yield
         finally:
-            self._user_slots[user.sub] -= 1
-            if not self._user_slots[user.sub]:
-                del self._user_slots[user.sub]
-
-    @contextlib.asynccontextmanager
-    async def slot(self, user: Identity | None) -> AsyncIterator[None]:
-        """One connection slot (MAX_CONNECTIONS) and one of its user's, WebSocket or event stream."""
-        async with self._user_slot(user), self._slots:
-            yield
+            if user is not None:
+                self._user_slots[user.sub] -= 1
+                if not self._user_slots[user.sub]:
+                    del self._user_slots[user.sub]
 
     # -- one connection, start to end ----------------------------------------
 
@@ -215,14 +210,10 @@ class WSSManager:
         """The first frame of every connection."""
         nc = self._nats()
         welcome = {
-            "success": True,
-            "data": MSG_CONNECTED,
-            "type": "welcome",
-            "connection_id": session.id,
+            "success": True, "data": MSG_CONNECTED, "type": "welcome", "connection_id": session.id,
             "protocol": PROTOCOL_VERSION,
             "nats": "connected" if nc is not None and nc.is_connected else "disconnected",
-            "publish": bool(self.policy.publish_allow),
-            "worker": self.worker,
+            "publish": bool(self.policy.publish_allow), "worker": self.worker,
         }
         if session.user is not None:
             welcome.update(user=session.user.sub, expires_at=session.user.expires_at)

@@ -132,6 +132,34 @@ def run_w5(target: str, cfg: dict, smoke: bool, load: dict, workdir: Path, bridg
     return W5Result(target=target, steps=steps, best=best_row, workers=workers)
 
 
+def w1_variants(cfg: dict, smoke: bool, load: dict, workdir: Path, bridge_args: list[str],
+                errors: list[str]) -> list[tuple[str, Row]]:
+    """W1 against the bridge again: over Server-Sent Events (on a plain and on a stored subject),
+    on a stored subject, and with FLUSH_DELAY=0.05 (the last only in a full run)."""
+    variants: list[tuple[str, list[str], dict]] = [
+        # Every client on /events instead of the WebSocket: its CPU per delivered message beside
+        # the WebSocket row's, in the same run; then on a stored subject, where each event
+        # carries its connection's own id.
+        (f"W1 {SSE_LABEL}", bridge_args, {"transport": "sse", "label": "sse"}),
+        (f"W1 {SSE_LABEL} {STORED_LABEL}", bridge_args,
+         {"transport": "sse", "stored": True, "label": "sse-stored"}),
+        # Live delivery through the bridge's ordered consumer, every frame with its sequence.
+        (f"W1 {STORED_LABEL}", bridge_args, {"stored": True, "label": "stored"}),
+    ]
+    if not smoke:
+        # Frames gathered for up to 50 ms under sustained traffic: fewer writes (syscalls) per
+        # delivery, at that latency.
+        variants.append((f"W1 {FLUSH_DELAY_LABEL}", [*bridge_args, "--flush-delay", "0.05"], {}))
+    rows: list[tuple[str, Row]] = []
+    for label, args, over in variants:
+        print(f"bench: {label} bridge ...", flush=True)
+        try:
+            rows.append((label, run_case(make_case("W1", "bridge", cfg, smoke, load, **over), workdir, args)))
+        except (HarnessError, RuntimeError, OSError) as exc:
+            errors.append(f"{label} bridge: {exc}")
+    return rows
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -272,39 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    {e}", flush=True)
 
     if "W1" in args.workloads and "bridge" in args.targets:
-        # The same W1 with every client on /events (Server-Sent Events) instead of the WebSocket:
-        # its CPU per delivered message beside the WebSocket row's, in the same run; then on a
-        # stored subject, where each event carries its connection's own id.
-        for stored in (False, True):
-            label = f"W1 {SSE_LABEL}" + (f" {STORED_LABEL}" if stored else "")
-            print(f"bench: {label} bridge ...", flush=True)
-            case = make_case("W1", "bridge", cfgs["W1"], args.smoke, load, transport="sse", stored=stored,
-                             label="sse-stored" if stored else "sse")
-            try:
-                rows.append((label, run_case(case, workdir, bridge_args)))
-            except (HarnessError, RuntimeError, OSError) as exc:
-                errors.append(f"{label} bridge: {exc}")
-
-    if "W1" in args.workloads and "bridge" in args.targets:
-        # The same W1 on a subject a JetStream stream stores: live delivery through
-        # the bridge's ordered consumer, every frame with its sequence.
-        print(f"bench: W1 bridge {STORED_LABEL} ...", flush=True)
-        case = make_case("W1", "bridge", cfgs["W1"], args.smoke, load, stored=True, label="stored")
-        try:
-            rows.append((f"W1 {STORED_LABEL}", run_case(case, workdir, bridge_args)))
-        except (HarnessError, RuntimeError, OSError) as exc:
-            errors.append(f"W1 bridge {STORED_LABEL}: {exc}")
-
-    if "W1" in args.workloads and "bridge" in args.targets and not args.smoke:
-        # The same W1 with the bridge gathering frames for up to 50 ms under
-        # sustained traffic: fewer writes (syscalls) per delivery, at that latency.
-        print(f"bench: W1 bridge {FLUSH_DELAY_LABEL} ...", flush=True)
-        case = make_case("W1", "bridge", cfgs["W1"], args.smoke, load)
-        try:
-            row = run_case(case, workdir, [*bridge_args, "--flush-delay", "0.05"])
-            rows.append((f"W1 {FLUSH_DELAY_LABEL}", row))
-        except (HarnessError, RuntimeError, OSError) as exc:
-            errors.append(f"W1 bridge {FLUSH_DELAY_LABEL}: {exc}")
+        rows += w1_variants(cfgs["W1"], args.smoke, load, workdir, bridge_args, errors)
 
     for label, row in rows:
         if row.delivered == 0:

@@ -26,7 +26,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     user, refusal = admit(request)
     if refusal is not None:
         return refusal
-    # Nothing awaits between admit's checks and serve() counting the slot (see WSSManager._user_slot).
+    # Nothing awaits between admit's checks and serve() counting the slot (see WSSManager.slot).
     return await request.app[MANAGER].serve(request, user)
 
 
