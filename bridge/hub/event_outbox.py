@@ -42,8 +42,8 @@ if TYPE_CHECKING:
 class EventOutbox(Outbox):
     sse = True
 
-    __slots__ = ("_chunked", "_head", "_held", "_index", "_last_write", "_ping", "_seqs", "_welcome_id",
-                 "ended")
+    __slots__ = ("_chunked", "_head", "_held", "_id_line", "_index", "_last_write", "_ping", "_seqs",
+                 "_welcome_id", "ended")
 
     def __init__(self, transport: asyncio.Transport, protocol: BaseProtocol, stream: AbstractStreamWriter,
                  limits: Limits, stats: Stats, flusher: Flusher, label: str, chunked: bool) -> None:
@@ -53,6 +53,7 @@ class EventOutbox(Outbox):
         self._held = True
         # The id's fixed part, each stored subject's slot in it, and their positions (core/sse.py).
         self._head = b""
+        self._id_line = b"id: "  # and the head, and its dot: what every id line begins with
         self._index: dict[str, int] = {}
         self._seqs: list[str] = []
         # The positions just before the first message that waited for the response: the welcome's id.
@@ -74,6 +75,7 @@ class EventOutbox(Outbox):
         Called before anything is followed, so every stored message has its id, even one
         that arrives while the stream is being set up."""
         self._head, self._index, self._seqs = head, slots, seqs
+        self._id_line = b"id: " + head + b"."
 
     def reposition(self, pattern: str, seq: int) -> None:
         """``pattern`` stands at ``seq`` now (a resume that could not be made starts from here)."""
@@ -100,7 +102,8 @@ class EventOutbox(Outbox):
                     self._welcome_id = self.event_id()
                 seqs = self._seqs
                 seqs[slot] = str(seq)
-                frame = b"id: " + self._head + b"." + ".".join(seqs).encode("ascii") + b"\n" + frame
+                # One formatting, one copy of the shared event (five concatenations cost twice this).
+                frame = b"%b%b\n%b" % (self._id_line, ".".join(seqs).encode("ascii"), frame)
         self.send(frame)
 
     # -- held until the response begins -----------------------------------------
