@@ -393,6 +393,18 @@ async def test_odd_urls_and_ids_get_a_stream_or_a_refusal_in_words_never_an_erro
     assert jbridge.manager.registry.topics == {}
 
 
+async def test_one_user_holds_at_most_max_connections_per_user_streams_and_sockets(
+        nats_server, bridge_factory, events, ws_factory):
+    bridge = await bridge_factory(nats_url=nats_server.url, jwt_secret=SECRET, max_connections_per_user=2)
+    token = hs256(claims("alice"))
+    await ws_factory(f"{bridge.ws_url}?token={token}")
+    first = await events(url(bridge), subject="a", token=token)
+    over = await events(url(bridge), subject="a", token=token)
+    other = await events(url(bridge), subject="a", token=hs256(claims("bob")))
+    assert (first.status, over.status, other.status) == (200, 429, 200)
+    assert "MAX_CONNECTIONS_PER_USER" in (await over.json())["message"]
+
+
 # ---------------------------------------------------------------------------
 # Resume
 # ---------------------------------------------------------------------------
