@@ -42,7 +42,6 @@ from bridge.core.frames import (
     PROTOCOL_VERSION,
     BadFrame,
     echoable,
-    json_frame,
     msg_bad_action,
     msg_not_subscribed,
     msg_subscribed,
@@ -59,7 +58,7 @@ from bridge.core.tokens import Identity, Verifier
 from bridge.hub.admission import Admission
 from bridge.hub.catchup import CatchUp
 from bridge.hub.lifetime import TokenLifetime
-from bridge.hub.outbox import Flusher, Outbox
+from bridge.hub.outbox import Flusher, Outbox, broadcast
 from bridge.hub.registry import FeedUnavailable, Registry
 from bridge.hub.session import Session
 from bridge.jetstream.api import JetStream, JetStreamError
@@ -100,7 +99,8 @@ class WSSManager:
         self.admission = Admission(max_connections, max_connections_per_user)
         # Which of this host's worker processes we are (WORKERS), told to every client.
         self.worker = worker
-        self._flusher = Flusher(limits.flush_delay)
+        # One per process: every outbox's writes of a loop turn, WebSocket and event stream alike.
+        self.flusher = Flusher(limits.flush_delay)
 
     @property
     def client_subscriptions(self) -> int:
@@ -153,33 +153,39 @@ class WSSManager:
 
     def register(self, request: web.Request, ws: web.WebSocketResponse,
                  user: Identity | None = None) -> Session:
-        """A new session: known by its id (and its user's), welcomed, its token's lifetime armed."""
-        perms = self.policy.for_user(user.sub, user.claim) if user else self.policy.for_user()
-        session = Session(request.remote or "?", user, perms, self.limits.control_rate,
-                          self.limits.control_strikes)
+        """A new WebSocket session: known by its id, welcomed, its token's lifetime armed."""
+        session = self.open_session(request, user)
         transport = request.transport
         assert transport is not None, "the WebSocket is prepared before it is registered"
         session.outbox = Outbox(transport, request.protocol, request.writer, ws, self.limits, self.stats,
-                                self._flusher, session.label)
-        self.sessions[session.id] = session
+                                self.flusher, session.label)
         self.stats.connections_opened += 1
-        nc = self._nats()
-        welcome = {
-            "success": True,
-            "data": MSG_CONNECTED,
-            "type": "welcome",
-            "connection_id": session.id,
-            "protocol": PROTOCOL_VERSION,
-            "nats": "connected" if nc is not None and nc.is_connected else "disconnected",
-            "publish": bool(self.policy.publish_allow),
-            "worker": self.worker,
-        }
-        if user is not None:
-            welcome.update(user=user.sub, expires_at=user.expires_at)
-            self.users[user.sub].add(session)
-        session.send_json(welcome)
+        session.send_json(self.welcome(session))
         self.lifetime.arm(session)
         return session
+
+    def open_session(self, request: web.Request, user: Identity | None = None) -> Session:
+        """A new session, known by its id (and its user's); its outbox is the caller's to set at once."""
+        perms = self.policy.for_user(user.sub, user.claim) if user else self.policy.for_user()
+        session = Session(request.remote or "?", user, perms, self.limits.control_rate,
+                          self.limits.control_strikes)
+        self.sessions[session.id] = session
+        if user is not None:
+            self.users[user.sub].add(session)
+        return session
+
+    def welcome(self, session: Session) -> dict[str, Any]:
+        """The first frame of every connection."""
+        nc = self._nats()
+        welcome = {
+            "success": True, "data": MSG_CONNECTED, "type": "welcome", "connection_id": session.id,
+            "protocol": PROTOCOL_VERSION,
+            "nats": "connected" if nc is not None and nc.is_connected else "disconnected",
+            "publish": bool(self.policy.publish_allow), "worker": self.worker,
+        }
+        if session.user is not None:
+            welcome.update(user=session.user.sub, expires_at=session.user.expires_at)
+        return welcome
 
     async def unregister(self, session: Session) -> None:
         """Release everything ``session`` followed.  Safe to call more than once."""
@@ -200,9 +206,7 @@ class WSSManager:
         await asyncio.gather(*(o.close(code, reason, timeout) for o in outboxes), return_exceptions=True)
 
     def broadcast(self, frame: dict[str, Any]) -> None:
-        data = json_frame(frame)
-        for session in self.sessions.values():
-            session.send(data)
+        broadcast((session.outbox for session in self.sessions.values()), frame)
 
     # -- what the client sends -----------------------------------------------
 

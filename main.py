@@ -42,7 +42,7 @@ from bridge.process.keys import KEYS, KeyStore
 from bridge.process.logs import AccessLog, configure_logging
 from bridge.process.metrics import LINK, REGISTRY
 from bridge.process.workers import WORKER, Worker
-from bridge.web import access, control_api, headers, routes
+from bridge.web import access, control_api, events, headers, routes
 from bridge.web.routes import MANAGER
 from handler import WSSManager
 
@@ -82,6 +82,9 @@ def create_app(config: Config, worker: Worker = workers.LONE) -> panini_app.App:
 
     app.http.get("/")(routes.index)
     app.http.get("/stream")(routes.stream)
+    # No HEAD: a stream's head would promise a body that a HEAD answer must not have.
+    app.http.get("/events", allow_head=False)(events.events)
+    app.http.route("OPTIONS", "/events")(events.preflight)
     app.http.post("/clients/{connection_id}")(control_api.post_client)
     app.http.delete("/clients/{connection_id}")(control_api.delete_client)
     app.http.post("/users/{sub}")(control_api.post_user)

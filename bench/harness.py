@@ -49,6 +49,8 @@ class Case:
     # live feed (messages with sequences) instead of a core subscription.
     stored: bool = False
     workers: int = 1  # the bridge's WORKERS
+    # How bridge clients connect: "websocket" (/stream) or "sse" (Server-Sent Events on /events).
+    transport: str = "websocket"
 
 
 @dataclass
@@ -131,6 +133,7 @@ class LoadPool:
             spec = ClientSpec(
                 target=case.target, url=url, subjects=chunk, impl=case.impl, uvloop=case.uvloop,
                 concurrency=per_proc_handshakes, connect_timeout=case.connect_timeout,
+                transport=case.transport,
             )
             parent, child = CTX.Pipe()
             proc = CTX.Process(target=worker_main, args=(child, spec), daemon=True,
@@ -248,7 +251,7 @@ def run_case(case: Case, workdir: Path, bridge_args: list[str], profile: str | N
             # Room for every client (as an env var, so a flag in bridge_args still wins).
             env = {"MAX_CONNECTIONS": str(max(10_000, case.clients + 100)), "WORKERS": str(case.workers)}
             bridge = BridgeProcess(workdir, name, nats.url, bridge_args, env).start()
-            serving, url = bridge.pid, bridge.ws_url
+            serving, url = bridge.pid, bridge.events_url if case.transport == "sse" else bridge.ws_url
         else:
             serving, url = nats.pid, nats.ws_url
         pool = LoadPool(case, url)

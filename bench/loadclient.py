@@ -1,9 +1,12 @@
-"""A load-client process: hundreds of WebSocket clients on one asyncio loop.
+"""A load-client process: hundreds of WebSocket (or Server-Sent Events) clients on one asyncio loop.
 
 Two protocols, chosen per process:
 
 * ``bridge``: the bridge's own protocol on ``/stream`` (welcome frame, a
-  ``subscribe`` control frame, a ``reply``, then ``{"subject":..,"data":..}``);
+  ``subscribe`` control frame, a ``reply``, then ``{"subject":..,"data":..}``),
+  or with ``transport="sse"`` the same frames as Server-Sent Events on
+  ``/events?subject=..`` (``RawEvents``: the chunked response de-chunked and
+  split into events inside ``data_received``, like the raw WebSocket client);
 * ``nats``: the NATS client protocol over nats-server's WebSocket listener
   (INFO, then CONNECT + SUB + PING, wait for PONG, then parse MSG lines, answer
   PING with PONG).
@@ -65,6 +68,7 @@ class ClientSpec:
     concurrency: int = 16  # WebSocket handshakes in flight at once
     connect_timeout: float = 60.0
     uvloop: bool = False  # run this process on uvloop (must be installed)
+    transport: str = "websocket"  # the bridge's "websocket" (/stream) or "sse" (/events)
 
 
 @dataclass
@@ -304,6 +308,119 @@ class RawBridge(RawWS):
             self.worker.protocol_error(f"unexpected frame: {buf[start:end][:200]!r}")
 
 
+class RawEvents(asyncio.Protocol):
+    """``GET /events?subject=..``: the response de-chunked and split into events as they arrive.
+
+    The same receipts as the WebSocket clients: a message event's data is the bridge's
+    message frame, whose first ``"seq":`` and ``"ts":`` are the publisher's.
+    """
+
+    def __init__(self, worker: Worker, client: _Client, host: str, path: str) -> None:
+        self.worker = worker
+        self.receipts = worker.receipts
+        self.client = client
+        self.request = (f"GET {path}?subject={client.subject} HTTP/1.1\r\nHost: {host}\r\n"
+                        "Accept: text/event-stream\r\n\r\n").encode()
+        self.transport: asyncio.Transport | None = None
+        self.raw = b""  # bytes of the response not yet de-chunked
+        self.text = b""  # de-chunked bytes not yet a whole event
+        self.headed = False
+        self.chunked = True
+        self.left = 0  # bytes of the current chunk still to come
+        self.skip = 0  # the CRLF after a chunk still to come
+        self.close_code: int | None = None
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.transport.write(self.request)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def fail(self, why: str) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(RuntimeError(why))
+        else:
+            self.worker.protocol_error(why)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(f"connection lost before the welcome: {exc!r}"))
+            return
+        self.worker.disconnected(self.close_code if self.close_code is not None else 1006)
+
+    def data_received(self, data: bytes) -> None:
+        now = time.monotonic_ns()
+        buf = self.raw + data if self.raw else data
+        if not self.headed:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                self.raw = buf
+                return
+            head = buf[:end].lower()
+            if not head.startswith(b"http/1.1 200"):
+                self.fail(f"refused: {buf[:end].decode(errors='replace')[:300]}")
+                return
+            self.headed, self.chunked = True, b"transfer-encoding: chunked" in head
+            buf = buf[end + 4:]
+        if self.chunked:
+            out, pos, n = [], 0, len(buf)
+            while pos < n:
+                if self.skip:
+                    k = min(self.skip, n - pos)
+                    self.skip -= k
+                    pos += k
+                elif self.left:
+                    k = min(self.left, n - pos)
+                    out.append(buf[pos:pos + k])
+                    pos += k
+                    self.left -= k
+                    if not self.left:
+                        self.skip = 2
+                else:
+                    eol = buf.find(b"\r\n", pos)
+                    if eol < 0:
+                        break
+                    self.left = int(buf[pos:eol], 16)
+                    pos = eol + 2
+                    if not self.left:  # the last chunk: the stream is over
+                        pos = n
+            self.raw = buf[pos:] if pos < n else b""
+            body = b"".join(out)
+        else:
+            self.raw, body = b"", buf
+        text = self.text + body if self.text else body
+        start = 0
+        while (end := text.find(b"\n\n", start)) >= 0:
+            self.on_event(text, start, end, now)
+            start = end + 2
+        self.text = text[start:]
+
+    def on_event(self, text: bytes, start: int, end: int, now: int) -> None:
+        # A message: "data: " first, or its id first (named events begin with "event:" or "retry:").
+        if self.ready.done() and (text.startswith(b"data: ", start) or text.startswith(b"id: ", start)):
+            i = text.find(b'"seq":', start, end)
+            j = text.find(b",", i, end)
+            ts = int(text[j + 6:text.find(b",", j + 6, end)])
+            self.receipts.record(self.client, int(text[i + 6:j]), ts, now)
+            return
+        block = text[start:end]
+        if block.startswith(b":"):
+            return  # a comment: the bridge's keep-alive
+        if b"event: welcome" in block:
+            if not self.ready.done():
+                self.ready.set_result(None)
+        elif b"event: close" in block:
+            found = block.find(b'"code": ')
+            self.close_code = int(block[found + 8:block.find(b",", found)]) if found >= 0 else 1005
+        else:
+            self.worker.protocol_error(f"unexpected event: {block[:200]!r}")
+
+
 class RawNats(RawWS):
     """The NATS protocol over WebSocket: frames are just a byte stream of protocol lines."""
 
@@ -528,6 +645,13 @@ class Worker:
     async def connect_one(self, client: _Client) -> None:
         loop = asyncio.get_running_loop()
         parts = urlsplit(self.spec.url)
+        if self.spec.transport == "sse":  # one client for it, whatever --client says
+            host, port = parts.hostname or "127.0.0.1", parts.port or 80
+            events = RawEvents(self, client, f"{host}:{port}", parts.path or "/events")
+            client.closer = events.close
+            await loop.create_connection(lambda: events, host, port)
+            await events.ready
+            return
         if self.spec.impl == "raw":
             cls = RawBridge if self.spec.target == "bridge" else RawNatsClient
             host, port = parts.hostname or "127.0.0.1", parts.port or 80

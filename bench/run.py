@@ -6,7 +6,8 @@
     .venv/bin/python bench/run.py --workloads W5 --workers 1,2   # the ceiling with WORKERS=1 and 2
 
 Workloads (full size):
-  W1 fan-out   1000 clients, one subject, 100 msg/s for 10 s
+  W1 fan-out   1000 clients, one subject, 100 msg/s for 10 s (and the same over Server-Sent
+               Events, on a stored subject, and with FLUSH_DELAY=0.05, against the bridge)
   W2 latency   100 clients, 200 msg/s for 10 s
   W3 burst     100 clients, 5000 messages as fast as the publisher can
   W4 scale     10 000 idle connections over 100 subjects (RSS/conn, conn/s), then 3 msgs/subject
@@ -51,6 +52,7 @@ from bench.report import (  # noqa: E402
 WORKLOADS = ("W1", "W2", "W3", "W4", "W5")
 FLUSH_DELAY_LABEL = "FLUSH_DELAY=0.05"
 STORED_LABEL = "stored (JetStream)"
+SSE_LABEL = "SSE"
 
 # name -> settings; "rate" None = as fast as possible.
 FULL = {
@@ -128,6 +130,34 @@ def run_w5(target: str, cfg: dict, smoke: bool, load: dict, workdir: Path, bridg
     if best is None:
         log.append(f"W5 {target} WORKERS={workers}: even {cfg['start']} msg/s failed")
     return W5Result(target=target, steps=steps, best=best_row, workers=workers)
+
+
+def w1_variants(cfg: dict, smoke: bool, load: dict, workdir: Path, bridge_args: list[str],
+                errors: list[str]) -> list[tuple[str, Row]]:
+    """W1 against the bridge again: over Server-Sent Events (on a plain and on a stored subject),
+    on a stored subject, and with FLUSH_DELAY=0.05 (the last only in a full run)."""
+    variants: list[tuple[str, list[str], dict]] = [
+        # Every client on /events instead of the WebSocket: its CPU per delivered message beside
+        # the WebSocket row's, in the same run; then on a stored subject, where each event
+        # carries its connection's own id.
+        (f"W1 {SSE_LABEL}", bridge_args, {"transport": "sse", "label": "sse"}),
+        (f"W1 {SSE_LABEL} {STORED_LABEL}", bridge_args,
+         {"transport": "sse", "stored": True, "label": "sse-stored"}),
+        # Live delivery through the bridge's ordered consumer, every frame with its sequence.
+        (f"W1 {STORED_LABEL}", bridge_args, {"stored": True, "label": "stored"}),
+    ]
+    if not smoke:
+        # Frames gathered for up to 50 ms under sustained traffic: fewer writes (syscalls) per
+        # delivery, at that latency.
+        variants.append((f"W1 {FLUSH_DELAY_LABEL}", [*bridge_args, "--flush-delay", "0.05"], {}))
+    rows: list[tuple[str, Row]] = []
+    for label, args, over in variants:
+        print(f"bench: {label} bridge ...", flush=True)
+        try:
+            rows.append((label, run_case(make_case("W1", "bridge", cfg, smoke, load, **over), workdir, args)))
+        except (HarnessError, RuntimeError, OSError) as exc:
+            errors.append(f"{label} bridge: {exc}")
+    return rows
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -270,25 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    {e}", flush=True)
 
     if "W1" in args.workloads and "bridge" in args.targets:
-        # The same W1 on a subject a JetStream stream stores: live delivery through
-        # the bridge's ordered consumer, every frame with its sequence.
-        print(f"bench: W1 bridge {STORED_LABEL} ...", flush=True)
-        case = make_case("W1", "bridge", cfgs["W1"], args.smoke, load, stored=True, label="stored")
-        try:
-            rows.append((f"W1 {STORED_LABEL}", run_case(case, workdir, bridge_args)))
-        except (HarnessError, RuntimeError, OSError) as exc:
-            errors.append(f"W1 bridge {STORED_LABEL}: {exc}")
-
-    if "W1" in args.workloads and "bridge" in args.targets and not args.smoke:
-        # The same W1 with the bridge gathering frames for up to 50 ms under
-        # sustained traffic: fewer writes (syscalls) per delivery, at that latency.
-        print(f"bench: W1 bridge {FLUSH_DELAY_LABEL} ...", flush=True)
-        case = make_case("W1", "bridge", cfgs["W1"], args.smoke, load)
-        try:
-            row = run_case(case, workdir, [*bridge_args, "--flush-delay", "0.05"])
-            rows.append((f"W1 {FLUSH_DELAY_LABEL}", row))
-        except (HarnessError, RuntimeError, OSError) as exc:
-            errors.append(f"W1 bridge {FLUSH_DELAY_LABEL}: {exc}")
+        rows += w1_variants(cfgs["W1"], args.smoke, load, workdir, bridge_args, errors)
 
     for label, row in rows:
         if row.delivered == 0:

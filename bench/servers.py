@@ -114,6 +114,10 @@ class BridgeProcess:
         return f"ws://127.0.0.1:{self.port}/stream"
 
     @property
+    def events_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/events"
+
+    @property
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid

@@ -1,7 +1,8 @@
 """`make run`: the bridge on :5001, with a local nats-server if none is configured or listening.
 
 The terminal shows the bridge's own log lines and, once it is ready, the URL to
-open and a command that publishes a message of your own, worked out from the
+open, the ``curl -N`` line that follows the same subject as Server-Sent Events
+(``/events``), and a command that publishes a message of your own, worked out from the
 settings it runs with (a subject SUBJECT_ALLOW allows, ?token= and how to mint
 one when JWT is on; see ``hints``).  nats-server's output
 goes to .run/nats-server.log.  Publishing from the page is on for `demo.>`
@@ -24,6 +25,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import quote
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -154,6 +156,11 @@ def hints(config: Config, url: str, python: str) -> list[str]:
     else:
         example = json.dumps({"subjects": [followable[0]], "action": "subscribe"}, separators=(",", ":"))
         lines.append(f"ready. Open {open_url} and send {example}")
+        # The same subject as Server-Sent Events, for a terminal (``>`` escaped: curl sends the URL as typed).
+        events = f"{url}events?subject={quote(followable[0], safe='.*')}"
+        if config.jwt_enabled or config.auth_tokens:
+            events += "&token=TOKEN"
+        lines.append(f"or follow it as Server-Sent Events: curl -N {shlex.quote(events)}")
     # The script publishes on NATS directly: the page sees a subject through a subscription it may
     # hold, unless a deny list filters the subject out message by message.
     seen = [(s, p) for s in ["demo.hello", *map(_concrete, followable)] for p in followable

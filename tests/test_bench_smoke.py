@@ -39,6 +39,7 @@ def test_bench_smoke_runs_and_prints_a_table(tmp_path: Path) -> None:
         assert (workload, "nats") in labels, report
     assert ("W5", "bridge") in labels, report
     assert any("stored" in row for row in rows), report  # W1 on a JetStream-stored subject
+    assert any(row.startswith("| W1 SSE |") for row in rows), report  # W1 over Server-Sent Events
     for row in rows:
         delivered = re.search(r"\| ([\d,]+) / ([\d,]+)", row)
         assert delivered, row

@@ -105,8 +105,12 @@ class Sink:
     frames: list[bytes] = field(default_factory=list)
     closing: bool = False
     closed_with: int | None = None
+    sse: bool = False  # a WebSocket's outbox (the topic keeps event streams apart)
 
     def send(self, frame: bytes) -> None:
+        self.frames.append(frame)
+
+    def send_message(self, frame: bytes, pattern: str, seq: int | None) -> None:
         self.frames.append(frame)
 
     def close_soon(self, code: int, reason: str) -> None:
@@ -125,6 +129,38 @@ def test_one_frame_object_is_shared_by_every_subscriber():
         t.place(s, Rule())  # type: ignore[arg-type]
     t.deliver(msg("a.b", b"1"))
     assert len({id(s.frames[0]) for s in sinks}) == 1 and stats.messages_received == 1
+
+
+@dataclass(eq=False)
+class EventSink(Sink):
+    """An event stream's outbox, recording what it is sent with the pattern and sequence."""
+
+    sse: bool = True
+    stored: list[tuple[str, int | None]] = field(default_factory=list)
+
+    def send_message(self, frame: bytes, pattern: str, seq: int | None) -> None:
+        self.frames.append(frame)
+        self.stored.append((pattern, seq))
+
+
+def test_event_streams_share_one_event_per_message_whose_data_is_the_sockets_frame():
+    t, _ = topic()
+    socket_sink, streams = Sink(), [EventSink() for _ in range(3)]
+    t.place(socket_sink, Rule())  # type: ignore[arg-type]
+    for s in streams:
+        t.place(s, Rule())  # type: ignore[arg-type]
+    t.deliver(msg("a.b", b'{"x": 1}'))
+    assert len({id(s.frames[0]) for s in streams}) == 1
+    assert streams[0].frames[0] == b"data: " + socket_sink.frames[0][2:] + b"\n\n"  # the frame's JSON
+
+
+def test_a_stored_message_reaches_an_event_stream_with_its_pattern_and_sequence():
+    t, _ = topic()
+    stream = EventSink()
+    t.place(stream, Rule(filters=("a.secret",)))  # type: ignore[arg-type]
+    t.deliver(msg("a.b", b"1"), 7, "2026-01-01T00:00:00Z")
+    t.deliver(msg("a.secret", b"2"), 8, "2026-01-01T00:00:00Z")
+    assert stream.stored == [("a.>", 7)]  # the token's filter applies to event streams too
 
 
 def test_checked_subscribers_get_only_what_their_rule_delivers():

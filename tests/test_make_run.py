@@ -17,8 +17,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
+import aiohttp
 import pytest
+import yarl
 from conftest import ROOT, TIMEOUT, free_port
 from minting import SECRET
 
@@ -128,6 +131,8 @@ class Hinted:
     lines: list[str]
     client: Any
     nats_url: str
+    bridge: Any = None
+    query: str = ""  # "?token=..." when the page needs a token
 
     def find(self, pattern: str) -> re.Match[str] | None:
         return next((m for m in map(re.compile(pattern).search, self.lines) if m), None)
@@ -164,6 +169,7 @@ async def follow_hints(key: str, nats_server: Any, bridge_factory: Any, ws_facto
     else:
         assert not opened.group(2), lines
     hinted.client = await ws_factory(f"{bridge.ws_url}{query}")
+    hinted.bridge, hinted.query = bridge, query
     return hinted
 
 
@@ -199,6 +205,30 @@ async def test_make_run_hint_on_page_publishing_is_true(key, nats_server, bridge
     subject = allowed.group(1) if allowed else "demo.hello"
     reply = await hinted.client.request({"action": "publish", "subject": subject, "data": "hi"})
     assert reply["success"] is bool(allowed), (hinted.lines, reply)
+
+
+@pytest.mark.parametrize("key", HINT_CONFIGS)
+async def test_make_run_hint_curl_line_streams_the_subjects_messages(key, nats_server, bridge_factory,
+                                                                     ws_factory, nc):
+    hinted = await follow_hints(key, nats_server, bridge_factory, ws_factory)
+    hint = hinted.find(r"as Server-Sent Events: (curl -N .+)$")
+    assert hint, hinted.lines
+    command = shlex.split(hint.group(1))
+    assert command[:2] == ["curl", "-N"] and len(command) == 3, command
+    # The URL exactly as curl sends it (curl does not re-encode), on this test's bridge, with its token.
+    target = command[2].replace("http://localhost:5001", hinted.bridge.http_url)
+    target = target.replace("token=TOKEN", hinted.query.removeprefix("?"))
+    pattern = unquote(target.split("subject=")[1].split("&")[0])
+    timeout = aiohttp.ClientTimeout(total=TIMEOUT)
+    async with aiohttp.ClientSession() as session, session.get(yarl.URL(target, encoded=True),
+                                                               timeout=timeout) as resp:
+        assert (resp.status, resp.headers["Content-Type"]) == (200, "text/event-stream"), await resp.text()
+        await asyncio.wait_for(resp.content.readuntil(b"\n\n"), TIMEOUT)  # retry: and the welcome
+        subject = dev_run._concrete(pattern)
+        await nc.publish(subject, b'{"from": "curl"}')
+        await nc.flush()
+        event = (await asyncio.wait_for(resp.content.readuntil(b"\n\n"), TIMEOUT)).decode()
+    assert event.startswith("data: ") and json.loads(event[6:])["subject"] == subject, event
 
 
 def test_make_run_hints_say_when_nothing_can_be_followed():

@@ -164,9 +164,14 @@ def json_frame(frame: dict[str, Any]) -> bytes:
     return text_frame(dump(frame))
 
 
-def dropped_frame(n: int) -> bytes:
-    return json_frame({"success": False, "type": "dropped", "dropped": n,
-                       "message": f"{n} messages dropped: this client reads too slowly"})
+def dropped_notice(n: int) -> dict[str, Any]:
+    return {"success": False, "type": "dropped", "dropped": n,
+            "message": f"{n} messages dropped: this client reads too slowly"}
+
+
+def close_notice(code: int, reason: str) -> dict[str, Any]:
+    """The ``close`` event that ends a Server-Sent Events stream: what a close frame says on a socket."""
+    return {"type": "close", "code": code, "reason": reason}
 
 
 # ---------------------------------------------------------------------------

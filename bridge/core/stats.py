@@ -23,9 +23,12 @@ class Stats:
     rate_limit_disconnects: int = 0
     published: int = 0
     connections_opened: int = 0
+    event_streams_opened: int = 0
     token_expiries: int = 0
     token_refreshes: Counter[str] = field(default_factory=Counter)
     bad_frames: Counter[str] = field(default_factory=Counter)
+    # Event streams resumed from a Last-Event-ID, by outcome ("true": recovered, "false": not).
+    event_resumes: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass

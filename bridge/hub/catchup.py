@@ -15,7 +15,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from bridge.core.delivery import denied
-from bridge.core.frames import encode_nats_message, reply, text_frame
+from bridge.core.frames import encode_nats_message, reply
 from bridge.core.history import HistoryError
 from bridge.jetstream import reading
 from bridge.jetstream.api import JetStreamError
@@ -114,11 +114,12 @@ class CatchUp:
     async def _send_plan(self, session: Session, plan: Plan) -> int:
         """One subject's history into the session's outbox; the last sequence read."""
         last = 0
+        outbox = session.outbox
         batches = reading.read(self._jetstream, plan)
         try:
             async for batch in batches:
                 topic = self._registry.topics.get(plan.pattern)
-                rule = topic.rule_of(session.outbox) if topic is not None else None
+                rule = topic.rule_of(outbox) if topic is not None else None
                 if topic is None or rule is None or session.closing:
                     break  # unsubscribed or gone meanwhile
                 for stored in batch:
@@ -126,13 +127,15 @@ class CatchUp:
                     last = stored.seq
                     if topic.filtered and not self._policy.permits(msg.subject):
                         continue
-                    if denied(rule.filters, msg.subject):
+                    subject = msg.subject
+                    if not rule.delivers(subject) if plan.exclusive else denied(rule.filters, subject):
                         continue
                     plan.sent += 1
-                    session.send(text_frame(encode_nats_message(msg, stored.seq, stored.time, history=True)))
+                    payload = encode_nats_message(msg, stored.seq, stored.time, history=True)
+                    outbox.send_message(outbox.framed(payload), plan.pattern, stored.seq)
                 # Read no faster than the client takes it: its queue, not our
                 # memory or the NATS link, absorbs a large history.
-                await session.outbox.room()
+                await outbox.room()
         finally:
             await batches.aclose()  # its reader is deleted now, not when the generator is collected
         return last

@@ -46,10 +46,12 @@ class TokenLifetime:
     def _warn(self, session: Session) -> None:
         assert session.user is not None  # armed only for a user
         expires_at = session.user.expires_at
+        # A Server-Sent Events stream cannot send a refresh: its page reconnects with a new token.
+        then = ("reconnect with a new token" if session.outbox.sse
+                else 'send {"action": "refresh", "token": "<a new token>"}')
         session.send_json({
             "type": "token_expiring", "expires_at": expires_at,
-            "message": f"The token expires in {max(0, round(expires_at - time.time()))} s; "
-                       'send {"action": "refresh", "token": "<a new token>"}',
+            "message": f"The token expires in {max(0, round(expires_at - time.time()))} s; {then}",
         })
 
     def _expire(self, session: Session) -> None:

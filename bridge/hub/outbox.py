@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -28,8 +29,9 @@ from bridge.core.frames import (
     CLOSE_TRY_AGAIN_LATER,
     close_frame,
     close_reason,
-    dropped_frame,
-    json_frame,
+    dropped_notice,
+    dump,
+    text_frame,
 )
 
 if TYPE_CHECKING:
@@ -89,7 +91,15 @@ class Outbox:
     Frames go straight into the socket's transport while it accepts them; only
     when the transport is paused (the peer reads slower than we send) do they
     wait in this bounded queue, which its writer task drains.
+
+    This one speaks WebSocket.  A Server-Sent Events stream is the same queue
+    and the same policy (hub/event_outbox.py): it differs only in how a frame is
+    framed for the wire (``framed``), how a message is sent (``send_message``),
+    how a write is framed (``_write``) and how a close is written (``_end``).
     """
+
+    # True for a Server-Sent Events stream: topics keep such outboxes apart (hub/topic.py).
+    sse = False
 
     # Slots: one of these per connection, and there may be tens of thousands.
     __slots__ = (
@@ -210,8 +220,19 @@ class Outbox:
         self._stats.dropped += n
         self._start_writer()
 
+    @staticmethod
+    def framed(body: bytes, kind: str | None = None) -> bytes:
+        """A frame's JSON ``body`` (of type ``kind``, None for a NATS message) as this outbox's
+        wire form: a complete WebSocket text frame."""
+        return text_frame(body)
+
+    def send_message(self, frame: bytes, pattern: str, seq: int | None) -> None:
+        """A NATS message's frame (from ``framed``), delivered through ``pattern`` (at stream
+        sequence ``seq`` when stored).  A WebSocket needs neither: the frame says it all."""
+        self.send(frame)
+
     def send_json(self, frame: dict[str, Any]) -> None:
-        self.send(json_frame(frame))
+        self.send(self.framed(dump(frame), frame.get("type")))
 
     def _crowded(self) -> bool:
         limits = self._limits
@@ -264,7 +285,7 @@ class Outbox:
             if self._unreported_drops:
                 # Told at the point of the gap, so the client knows where it is.
                 n, self._unreported_drops = self._unreported_drops, 0
-                batch.append(dropped_frame(n))
+                batch.append(self.framed(dump(dropped_notice(n)), "dropped"))
             size = 0
             # One write for many frames: fewer syscalls for a client catching up.
             while queue and size < WRITE_BATCH_BYTES:
@@ -323,7 +344,10 @@ class Outbox:
         self._queued_bytes = 0
         if self._writer is not None:
             self._writer.cancel()
-        message = close_reason(reason)
+        await self._end(code, close_reason(reason), timeout)
+
+    async def _end(self, code: int, message: str, timeout: float) -> None:
+        """How a close is written, once nothing more is queued: the WebSocket close handshake."""
         if self._protocol.writing_paused or self.ws is None:
             # The peer is not reading, so a close handshake cannot finish: put
             # the close frame behind what it has not read yet, give it
@@ -371,6 +395,17 @@ class Outbox:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
                 raise
+
+
+def broadcast(outboxes: Iterable[Outbox], frame: dict[str, Any]) -> None:
+    """One frame to every outbox, encoded once and framed once per kind of outbox."""
+    body, kind = dump(frame), frame.get("type")
+    framed: dict[type[Outbox], bytes] = {}
+    for outbox in outboxes:
+        data = framed.get(type(outbox))
+        if data is None:
+            data = framed[type(outbox)] = outbox.framed(body, kind)
+        outbox.send(data)
 
 
 def _consume_result(future: asyncio.Future[Any]) -> None:

@@ -59,6 +59,9 @@ class Plan:
     skip: int = 0
     recovered: bool | None = None
     sent: int = field(default=0)
+    # A resume of several overlapping patterns at once (an /events reconnect): leave out what an
+    # older pattern of the session delivers, whose own resume sends it, so nothing comes twice.
+    exclusive: bool = False
 
     def describe(self) -> dict[str, Any]:
         """This subject's part of the subscribe reply."""

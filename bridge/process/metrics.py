@@ -42,14 +42,21 @@ class BridgeCollector:
         yield from self._refusals()
 
     def _connections(self) -> Iterator[Metric]:
-        m = self._manager
-        yield gauge("connections", "Open WebSocket connections.", len(m.sessions))
+        m, s = self._manager, self._manager.stats
+        yield gauge("connections", "Open connections: WebSockets and event streams.", len(m.sessions))
+        yield gauge("event_streams", "Open Server-Sent Events streams (/events), of the connections.",
+                    sum(1 for session in m.sessions.values() if session.outbox.sse))
         yield gauge("client_subscriptions", "Subjects followed by clients, summed over clients.",
                     m.client_subscriptions)
         yield gauge("nats_subscriptions", "NATS subscriptions of the bridge (one per pattern).",
                     len(m.registry.topics))
         yield gauge("nats_connected", "1 while the NATS link is up.", 1 if self._nats_connected() else 0)
-        yield counter("connections_opened", "WebSocket connections accepted.", m.stats.connections_opened)
+        yield counter("connections_opened", "Connections accepted: WebSockets and event streams.",
+                      s.connections_opened)
+        yield counter("event_streams_opened", "Server-Sent Events streams begun.", s.event_streams_opened)
+        yield labelled(CounterMetricFamily, "event_stream_resumes", "Event streams resumed from a "
+                       "Last-Event-ID, by outcome.", "recovered",
+                       {outcome: s.event_resumes[outcome] for outcome in ("true", "false")})
         yield counter("nats_reconnects", "Times the NATS link came back.", self._link.nats_reconnects)
         yield counter("nats_disconnects", "Times the NATS link was lost.", self._link.nats_disconnects)
 
@@ -58,8 +65,9 @@ class BridgeCollector:
         yield counter("nats_messages_received", "Messages received from NATS.", s.messages_received)
         yield counter("nats_messages_filtered",
                       "Messages not forwarded because the subject policy denies them.", s.filtered)
-        yield counter("frames_sent", "WebSocket frames sent to clients.", s.frames_sent)
-        yield counter("bytes_sent", "WebSocket payload bytes sent to clients.", s.bytes_sent)
+        yield counter("frames_sent", "Frames (WebSocket) and events (/events) sent to clients.",
+                      s.frames_sent)
+        yield counter("bytes_sent", "Bytes of frames and events sent to clients.", s.bytes_sent)
         yield counter("messages_dropped", "Frames dropped for slow clients (drop_oldest policy).", s.dropped)
         yield counter("slow_consumer_disconnects", "Clients closed with 1013 for falling behind.",
                       s.slow_consumer_disconnects)

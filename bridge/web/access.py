@@ -1,13 +1,14 @@
 """Who may connect and who may use the control API, decided before the request goes further.
 
 - Every route, without user authentication: the Host header (``check_host``).
-- /stream: the browser's Origin; then, with JWT on, a verified token (the
-  connection's user) or, with ``AUTH_TOKENS``, one of those static tokens.
+- /stream and /events: the browser's Origin; then, with JWT on, a verified
+  token (the connection's user) or, with ``AUTH_TOKENS``, one of those static
+  tokens.
 - The control API: a backend credential (``CONTROL_TOKENS``) once any user
   authentication is configured.
 
-A refusal is a plain HTTP answer before the WebSocket upgrade, counted by
-reason for /metrics.
+A refusal is a plain HTTP answer before the WebSocket upgrade (or before an
+event stream begins), counted by reason for /metrics.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -27,9 +29,16 @@ from bridge.core.tokens import Identity, TokenError
 from bridge.process.keys import KEYS
 from bridge.process.metrics import LINK
 
+if TYPE_CHECKING:
+    from handler import WSSManager
+
 logger = logging.getLogger(__name__)
 
 TOKEN_COOKIE = "bridge_token"
+
+# The app's key to this process's WSSManager: declared with the checks that hand it
+# connections, so that nothing in the package imports the top-level handler.
+MANAGER: web.AppKey[WSSManager] = web.AppKey("manager")
 
 
 def _origin_pattern(pattern: str) -> re.Pattern[str]:
@@ -214,7 +223,7 @@ class Refused(Exception):
 
 
 def identify(request: web.Request) -> Identity | None:
-    """Who is connecting to /stream: a verified user (JWT on), or None (anonymous); else Refused.
+    """Who is connecting to /stream or /events: a verified user (JWT on), or None (anonymous); else Refused.
 
     With any JWT_* key set every connection is a user: no token, or a token
     that fails any check, is a 401 that says which check.
@@ -235,6 +244,33 @@ def identify(request: web.Request) -> Identity | None:
     if config.auth_tokens and not token_valid(given, config.auth_tokens):
         raise Refused(401, "auth", "Unauthorized: a valid token is required")
     return None
+
+
+def admit(request: web.Request) -> tuple[Identity | None, web.Response | None]:
+    """Who may open a connection (/stream or /events): its user, or the refusal to answer with.
+
+    The browser's Origin, then the credential, then the user's and the process's
+    connection slots (MAX_CONNECTIONS counts WebSockets and event streams alike).
+    """
+    config, manager, link = request.app[CONFIG], request.app[MANAGER], request.app[LINK]
+    origin = request.headers.get("Origin")
+    if not origin_allowed(origin, request.host, config.allowed_origins):
+        # (A request without Origin is always allowed: ``origin`` is the header here.)
+        return None, refuse(request, link.refusals, "origin", 403, "Forbidden: this Origin may not connect",
+                            log=origin_refusal(origin or ""))
+    try:
+        user = identify(request)
+    except Refused as exc:
+        return None, refused(request, exc)
+    admission = manager.admission
+    if user is not None and admission.user_full(user.sub):
+        # One user's token must not take every slot of the process from everyone else.
+        return None, refuse(request, link.refusals, "user_connections", 429,
+                            f"Too many connections: user {user.sub} already has "
+                            f"{admission.max_connections_per_user} connections (MAX_CONNECTIONS_PER_USER)")
+    if admission.full:
+        return None, refuse(request, link.refusals, "capacity", 503, "Too many connections; try again later")
+    return user, None
 
 
 def check_backend(request: web.Request) -> None:

@@ -1,24 +1,17 @@
-"""The HTTP endpoints beside the control API: the page, the WebSocket, probes and metrics."""
+"""The HTTP endpoints beside the control API and /events: the page, the WebSocket, probes, metrics."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from bridge.config import CONFIG
 from bridge.process import metrics, nats_link, siblings
-from bridge.process.metrics import LINK
 from bridge.process.workers import WORKER
-from bridge.web.access import Refused, identify, origin_allowed, origin_refusal, refuse, refused
+from bridge.web.access import MANAGER, admit
 
-if TYPE_CHECKING:
-    from handler import WSSManager
-
-# The app's key to this process's WSSManager: declared here, where connections are
-# handed to it, so that nothing in the package imports the top-level handler.
-MANAGER: web.AppKey[WSSManager] = web.AppKey("manager")
+# MANAGER, the app's key to this process's WSSManager, lives with the checks that hand it connections.
+__all__ = ["MANAGER", "STATIC_DIR", "healthz", "index", "metrics_endpoint", "readyz", "stream"]
 
 # The page and the client library: static/ at the top of the repository.
 STATIC_DIR = Path(__file__).resolve().parents[2] / "static"
@@ -30,25 +23,11 @@ async def index(request: web.Request) -> web.FileResponse:
 
 async def stream(request: web.Request) -> web.StreamResponse:
     """The WebSocket: refused with a plain HTTP answer before the upgrade, or served."""
-    config, manager, link = request.app[CONFIG], request.app[MANAGER], request.app[LINK]
-    origin = request.headers.get("Origin")
-    if not origin_allowed(origin, request.host, config.allowed_origins):
-        # (A request without Origin is always allowed: ``origin`` is the header here.)
-        return refuse(request, link.refusals, "origin", 403, "Forbidden: this Origin may not connect",
-                      log=origin_refusal(origin or ""))
-    try:
-        user = identify(request)
-    except Refused as exc:
-        return refused(request, exc)
-    if user is not None and manager.admission.user_full(user.sub):
-        # One user's token must not take every slot of the process from everyone else.
-        # Nothing awaits between this check and serve() counting the slot (see there).
-        return refuse(request, link.refusals, "user_connections", 429,
-                      f"Too many connections: user {user.sub} already has "
-                      f"{manager.admission.max_connections_per_user} connections (MAX_CONNECTIONS_PER_USER)")
-    if manager.admission.full:
-        return refuse(request, link.refusals, "capacity", 503, "Too many connections; try again later")
-    return await manager.serve(request, user)
+    user, refusal = admit(request)
+    if refusal is not None:
+        return refusal
+    # Nothing awaits between admit's checks and serve() counting the slot (see Admission.slot).
+    return await request.app[MANAGER].serve(request, user)
 
 
 async def healthz(request: web.Request) -> web.Response:
