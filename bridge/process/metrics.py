@@ -75,6 +75,8 @@ class BridgeCollector:
             s.rate_limit_disconnects,
         )
         yield counter("published", "Messages published from browsers.", s.published)
+        yield gauge("presence_entries", "Presence entries of this process's connections (one per "
+                    "connection and subject within PRESENCE_SUBJECTS).", len(m.presence.entries))
         yield counter("nats_reconnects", "Times the NATS link came back.", link.nats_reconnects)
         yield counter("nats_disconnects", "Times the NATS link was lost.", link.nats_disconnects)
 
