@@ -201,6 +201,11 @@ async def test_make_run_hint_on_page_publishing_is_true(key, nats_server, bridge
     assert reply["success"] is bool(allowed), (hinted.lines, reply)
 
 
+def test_make_run_keeps_presence_on_demo_unless_presence_subjects_says_otherwise():
+    assert dev_run.effective_config([], {})[0].presence_subjects == ("demo.>",)
+    assert dev_run.effective_config([], {"PRESENCE_SUBJECTS": ""})[0].presence_subjects == ()
+
+
 def test_make_run_hints_say_when_nothing_can_be_followed():
     config, _ = dev_run.effective_config([], {"SUBJECT_ALLOW": "user.{sub}.>"})
     lines = dev_run.hints(config, "http://localhost:5001/", "python")
