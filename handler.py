@@ -16,7 +16,9 @@ reply, then the live messages held back meanwhile, with no gap and no
 duplicate (hub/catchup.py).
 
 What else a client may ask (publish, refresh) lives in bridge/actions/; what
-a session is, in bridge/hub/session.py.
+a session is, in bridge/hub/session.py.  Who is here (presence) follows the
+subscriptions through hooks into bridge/presence/room.py: a check before a
+subscribe, then after it, after an unsubscribe (a refresh's too) and at the end.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ class WSSManager:
         refresh_lead: float = 30.0,
         worker: int = 1,
         max_connections_per_user: int = 50,
-        presence: Callable[[JetStream], Presence] | None = None,
+        presence: Callable[[Callable[[], NATS], JetStream], Presence] = Presence,
     ) -> None:
         # A callable, not the client itself: the NATS connection is made in the
         # app's startup hook, after the manager exists.
@@ -97,9 +99,8 @@ class WSSManager:
         self.catch_up = CatchUp(self.registry, self.jetstream, policy, limits.max_history)
         self.lifetime = TokenLifetime(stats, refresh_lead)
         self.publisher = Publisher(nats_client, policy, limits, stats)
-        self.refresher = Refresher(verifier, policy, self.registry, self.lifetime, stats)
-        # Who is here (bridge/presence/): joins, leaves and watchers follow the subscriptions.
-        self.presence = presence(self.jetstream) if presence else Presence(nats_client, self.jetstream)
+        self.presence = presence(nats_client, self.jetstream)
+        self.refresher = Refresher(verifier, policy, self.registry, self.lifetime, stats, self.presence)
         # Which of this host's worker processes we are (WORKERS), told to every client.
         self.worker = worker
         self._slots = asyncio.Semaphore(max_connections)
@@ -312,9 +313,7 @@ class WSSManager:
         if action == "publish":
             return [await self.publisher.publish(session, body, request_id, trusted)]
         if action == "refresh" and not trusted:
-            answer = await self.refresher.refresh(session, body, request_id)
-            await self.presence.unsubscribed(session, answer.get("unsubscribed", []))
-            return [answer]
+            return [await self.refresher.refresh(session, body, request_id)]
         if action == "presence":
             return [self.presence.answer(session, body, request_id, trusted)]
         if action not in ("subscribe", "unsubscribe"):

@@ -68,8 +68,8 @@ def create_app(config: Config, worker: Worker = workers.LONE) -> panini_app.App:
     app.setup_web_server(host=config.http_host, port=config.http_port, web_app=web_app)
     keys = KeyStore(config)
     nats = partial(panini_workarounds.nats_client, app)
-    presence = partial(Presence, nats, space=PresenceSpace(config.presence_subjects),
-                       root=config.control_subject, ttl=config.presence_ttl, max_entries=config.presence_max,
+    presence = partial(Presence, space=PresenceSpace(config.presence_subjects), root=config.control_subject,
+                       ttl=config.presence_ttl, max_entries=config.presence_max,
                        max_subject_length=config.max_subject_length, worker=worker.index)
     manager = WSSManager(nats, config.limits, config.policy, config.max_connections,
                          verifier=lambda: keys.verifier, refresh_lead=config.jwt_refresh_lead,

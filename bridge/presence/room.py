@@ -11,7 +11,7 @@ The manager calls four hooks (``check`` before a subscribe, ``subscribed``,
   the connection ends (then in the background: an ending connection waits for
   nothing).
 - Every process reads every presence message into its ``PresenceTable``
-  (feed.py); answers and join/leave frames come from it, so they are the same
+  (feed.py, reader.py); answers and join/leave frames come from it, so they are the same
   on every process of the cluster and cost no NATS work.
 - A watcher (a subscribe with ``"presence": true``) gets each change of the
   table on its subject.  Its own join comes after the subscribe's reply: frames
@@ -35,21 +35,14 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 
 from bridge.core.frames import BadFrame, json_frame, reply
-from bridge.core.presence import (
-    Change,
-    Entry,
-    PresenceNames,
-    PresenceSpace,
-    PresenceTable,
-    decode_entry,
-    is_deletion,
-)
+from bridge.core.presence import Change, Entry, PresenceNames, PresenceSpace
 from bridge.core.subjects import subject_error
 from bridge.jetstream.api import JetStream, JetStreamError
 from bridge.presence.feed import PresenceFeed
+from bridge.presence.reader import TableReader
 from bridge.presence.store import LeaseLost, PresenceStore
 
 if TYPE_CHECKING:
@@ -99,15 +92,9 @@ class Presence:
         self._js = jetstream
         self.names = PresenceNames(root)
         self.store = PresenceStore(jetstream, nats_client, self.names, ttl, worker)
-        self.feed = PresenceFeed(jetstream, nats_client, self.names.stream, self.names.pattern, self)
-        self.table = PresenceTable()  # what answers and watchers see
-        self._building: PresenceTable | None = None  # a fresh read, until it has caught up
-        self._building_seq = 0
-        self.ready = False  # a table has been read whole at least once
-        self._read = asyncio.Event()  # set with ready
+        self.reader = TableReader(self.names, self._tell, self._lease_ended)
+        self.feed = PresenceFeed(jetstream, nats_client, self.names.stream, self.names.pattern, self.reader)
         self.problem = "starting"
-        self._applied = 0  # the last stream sequence applied to the table
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         # This process's entries: client -> entry, each session's subject -> client, and for
         # each client the incarnation it was last written under.
         self.entries: dict[str, Entry] = {}
@@ -187,11 +174,11 @@ class Presence:
             raise BadFrame("subject", error)
         refusal = session.perms.subscribe_refusal(subject, trusted=trusted) or \
             self.space.refusal(subject, _sub(session))
-        if refusal is None and not self.ready:
+        if refusal is None and not self.reader.ready:
             refusal = f"Presence is not available right now: {self.problem}"
         if refusal is not None:
             return reply(False, refusal, request_id, action="presence", subject=subject)
-        found = self.table.answer(subject, self.max_entries)
+        found = self.reader.table.answer(subject, self.max_entries)
         shown = len(found["presence"])
         message = f"{found['count']} here on {subject}"
         if shown < found["count"]:
@@ -276,50 +263,8 @@ class Presence:
                 for watcher in watchers.values():
                     watcher.send(frame)
 
-    # -- the feed's reader ----------------------------------------------------------------------
-
-    def begin(self) -> None:
-        self._building, self._building_seq = PresenceTable(), 0
-
-    def message(self, seq: int, msg: Msg) -> None:
-        table = self._building or self.table
-        changes = self._apply(table, msg)
-        if table is self.table:
-            self._tell(changes)
-            self._advance(seq)
-        else:
-            self._building_seq = seq
-
-    def caught_up(self) -> None:
-        fresh, self._building = self._building, None
-        if fresh is None:
-            return
-        changes = self.table.changes_to(fresh)
-        self.table = fresh
-        self.ready, self.problem = True, ""
-        self._read.set()
-        self._tell(changes)
-        self._advance(self._building_seq)
-
-    def _apply(self, table: PresenceTable, msg: Msg) -> list[Change]:
-        parsed = self.names.parse(msg.subject)
-        if parsed is None:
-            return []
-        kind, incarnation, client = parsed
-        gone = is_deletion(msg.headers)
-        if kind == "lease":
-            if not gone:
-                return table.lease(incarnation)
-            if table is self.table:
-                self._lease_ended(incarnation)
-            return table.end(incarnation)
-        assert client is not None
-        if gone:
-            return table.drop(incarnation, client)
-        entry = decode_entry(msg.data)
-        return table.put(incarnation, entry) if entry is not None and entry.client == client else []
-
     def _lease_ended(self, incarnation: str) -> None:
+        """A lease is gone from the table (told by the reader)."""
         if incarnation == self.store.incarnation:
             # Our own lease expired under us (we could not renew it in time): start anew.
             logger.warning("presence: our lease %s expired; writing our entries again", incarnation)
@@ -328,26 +273,9 @@ class Presence:
             self._purged.add(incarnation)
             self._background_task(self._purge(incarnation))
 
-    def _advance(self, seq: int) -> None:
-        self._applied = max(self._applied, seq)
-        while self._waiters and self._waiters[0][0] <= self._applied:
-            _, waiter = self._waiters.pop(0)
-            if not waiter.done():
-                waiter.set_result(None)
-
     async def _reached(self, seq: int) -> None:
-        """Wait (bounded) until the table has applied ``seq``: our own write, read back."""
-        if not seq or seq <= self._applied or not self.feed.running:
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append((seq, waiter))
-        self._waiters.sort(key=lambda w: w[0])
-        try:
-            await asyncio.wait_for(asyncio.shield(waiter), READ_BACK_TIMEOUT)
-        except TimeoutError:
-            logger.info("presence: sequence %d not read back within %g s", seq, READ_BACK_TIMEOUT)
-        finally:
-            self._waiters = [w for w in self._waiters if w[1] is not waiter]
+        if self.feed.running:
+            await self.reader.reached(seq, READ_BACK_TIMEOUT)
 
     # -- keeping it stored --------------------------------------------------------------------------
 
@@ -366,7 +294,7 @@ class Presence:
     async def _until_ready(self, timeout: float) -> None:
         if self.feed.running:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._read.wait(), timeout)
+                await asyncio.wait_for(self.reader.read.wait(), timeout)
 
     async def tick(self) -> None:
         """Every second (a Panini task): keep the lease, the feed and the writes going."""
@@ -421,9 +349,10 @@ class Presence:
                         await self.store.end(old)
             if read or not self.feed.running:
                 await self.feed.start()
-        except JetStreamError as exc:
-            self.problem = str(exc)
-            logger.warning("presence: %s (trying again)", exc)
+        except (JetStreamError, NatsError, OSError) as exc:
+            # NATS or JetStream not there (yet): the next tick tries again.
+            self.problem = str(exc) or type(exc).__name__
+            logger.warning("presence: %s (trying again)", self.problem)
 
     async def _retry(self) -> None:
         """Write what is not stored under the current incarnation, and the removals that failed."""
@@ -437,13 +366,14 @@ class Presence:
 
     def _collect(self, now: float) -> None:
         """Purge incarnations whose entries outlived any lease we saw (their bridges died unseen)."""
-        orphans = self.table.orphans() - {self.store.incarnation}
+        table = self.reader.table
+        orphans = table.orphans() - {self.store.incarnation}
         limit = ORPHAN_LIFETIMES * self.store.lease_ttl
         self._orphans = {i: self._orphans.get(i, now) for i in orphans}
         for incarnation, since in list(self._orphans.items()):
             if now - since > limit:
                 del self._orphans[incarnation]
-                self.table.end(incarnation)
+                table.end(incarnation)
                 self._background_task(self._purge(incarnation))
 
     async def _purge(self, incarnation: str) -> None:
