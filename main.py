@@ -101,7 +101,7 @@ def create_app(config: Config, worker: Worker = workers.LONE) -> panini_app.App:
     if config.test_publish_interval > 0 and worker.index == 1:  # one test stream per host
         demo.register(app, config.test_publish_interval)
     app.task(interval=HEARTBEAT)(manager.registry.check_feeds)
-    app.task(interval=1.0)(manager.presence.tick)
+    app.task(interval=manager.presence.tick_interval)(manager.presence.tick)
 
     web_app.cleanup_ctx.append(keys.lifecycle)  # a bad key fails the start before NATS is tried
     # First in, last out: NATS outlives the rest.

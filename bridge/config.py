@@ -211,9 +211,9 @@ def _workers(text: str) -> int:
 def _presence_ttl(text: str) -> float:
     # Whole seconds: JetStream's per-message TTL counts in them, and a lease lives one second
     # less than this so that a dead process's leaves are sent within it (docs/presence.md).
-    expected = "expected a whole number of seconds >= 2, like 15"
+    expected = "expected a whole number of seconds >= 3, like 15"
     value = _number(text, float, expected)
-    if not value.is_integer() or not 2 <= value <= 86_400:
+    if not value.is_integer() or not 3 <= value <= 86_400:
         raise ValueError(expected)
     return value
 

@@ -127,6 +127,7 @@ def test_every_setting_has_an_env_var_and_flag_and_env_is_overridden_by_flag():
         ("SUBJECT_DENY", "a..b"),
         ("LOG_FORMAT", "xml"),
         ("PRESENCE_TTL", "1.5"),
+        ("PRESENCE_TTL", "2"),
         ("PRESENCE_SUBJECTS", "room.{sub}x"),
     ],
 )

@@ -14,9 +14,12 @@ import json
 from typing import Any
 
 import aiohttp
+import nats
 import pytest
 from conftest import TIMEOUT, WSClient, metric_samples, nats_synced, running_bridge, unique
 from minting import SECRET, claims, hs256
+
+from bridge.core.presence import Entry
 
 PRESENCE_SUBJECTS = ("room.*", "desk.{sub}")
 
@@ -354,3 +357,73 @@ async def test_presence_data_never_reaches_a_browser_through_a_nats_subject(star
             frames.append(await spy.receive(1.0))
     leaked = [f for f in frames if "alice-was-here" in json.dumps(f) or "presence" in f.get("subject", "")]
     assert leaked == [], leaked
+
+
+# ---------------------------------------------------------------------------
+# Incarnations and leases
+# ---------------------------------------------------------------------------
+
+
+async def test_a_new_incarnation_moves_every_entry_without_a_leave_or_join(start, ws_factory):
+    one, two = await start(), await start()
+    watcher, member = await ws_factory(one.ws_url), await ws_factory(two.ws_url)
+    await watch(watcher, "room.move")
+    await next_of(watcher, "join")
+    await member.subscribe("room.move")
+    joined = await next_of(watcher, "join")
+    presence = two.manager.presence
+    old = presence.store.incarnation
+    # What NATS coming back does: a new incarnation, the entries written again, the old removed.
+    presence._sync(reincarnate=True)
+    await asyncio.wait_for(presence._syncing, TIMEOUT)
+    assert presence.store.incarnation != old
+    await watcher.assert_silent(1.0)
+    answer = await ask(watcher, "room.move")
+    assert answer["count"] == 2 and joined["client"] in clients_of(answer)
+
+
+async def test_a_bridge_whose_lease_was_lost_writes_its_entries_again(start, ws_factory, js_server):
+    one, two = await start(), await start()
+    watcher, member = await ws_factory(one.ws_url), await ws_factory(two.ws_url)
+    await watch(watcher, "room.lost")
+    await next_of(watcher, "join")
+    await member.subscribe("room.lost")
+    joined = await next_of(watcher, "join")
+    store = two.manager.presence.store
+    lost = store.incarnation
+    # The lease vanishes under the bridge (as when it expired while JetStream was out of reach).
+    nc = await asyncio.wait_for(nats.connect(js_server.url), TIMEOUT)
+    try:
+        await nc.request(store.names.lease(lost), b"", headers={"Nats-Marker-Reason": "Remove"}, timeout=5)
+    finally:
+        await nc.close()
+    assert (await next_of(watcher, "leave"))["client"] == joined["client"]
+    assert (await next_of(watcher, "join"))["client"] == joined["client"]  # written again, same id
+    assert store.incarnation != lost
+    assert (await ask(watcher, "room.lost"))["count"] == 2
+
+
+async def test_an_entry_without_a_live_lease_is_never_listed_and_is_purged(start, ws_factory, js_server):
+    bridge = await start(presence_ttl=3.0)  # leases of 2 s: orphans purged after 4 s
+    client = await ws_factory(bridge.ws_url)
+    names = bridge.manager.presence.names
+    ghost = Entry("room.ghost", "ghost", "ghostghostghost0", 1)
+    nc = await asyncio.wait_for(nats.connect(js_server.url), TIMEOUT)
+    try:
+        await nc.request(names.entry("deadbeefdeadbeef", ghost.client), ghost.encode(), timeout=5)
+        await client.subscribe("room.ghost")
+        answer = await ask(client, "room.ghost")
+        assert (answer["count"], answer["users"]) == (1, 0), answer  # ours only
+
+        async def stored() -> int:
+            ask_for = {"subjects_filter": names.entries_of("deadbeefdeadbeef")}
+            info = await nc.request(f"$JS.API.STREAM.INFO.{names.stream}", json.dumps(ask_for).encode(),
+                                    timeout=5)
+            return len(json.loads(info.data)["state"].get("subjects") or {})
+
+        deadline = asyncio.get_running_loop().time() + TIMEOUT
+        while await stored():
+            assert asyncio.get_running_loop().time() < deadline, "the orphan entry was never purged"
+            await asyncio.sleep(0.2)
+    finally:
+        await nc.close()

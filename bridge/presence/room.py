@@ -16,7 +16,7 @@ The manager calls four hooks (``check`` before a subscribe, ``subscribed``,
 - A watcher (a subscribe with ``"presence": true``) gets each change of the
   table on its subject.  Its own join comes after the subscribe's reply: frames
   for it are held until the reply has been queued.
-- ``tick`` (every second) renews the lease, starts a new incarnation when the
+- ``tick`` (every second, more often for short leases) renews the lease, starts a new incarnation when the
   old one may have lapsed or NATS came back (every entry written again under
   it, then the old one removed: watchers see no leave for the move), reads the
   stream again when the feed falls silent, retries failed writes, and purges
@@ -296,8 +296,13 @@ class Presence:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.reader.read.wait(), timeout)
 
+    @property
+    def tick_interval(self) -> float:
+        """How often ``tick`` runs: every second, or twice per renewal when leases are short."""
+        return min(1.0, self.store.renew_every / 2)
+
     async def tick(self) -> None:
-        """Every second (a Panini task): keep the lease, the feed and the writes going."""
+        """Every ``tick_interval`` (a Panini task): keep the lease, the feed and the writes going."""
         nc = self._nats()
         if not self.space.on or nc is None or not nc.is_connected:
             return
