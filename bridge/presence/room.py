@@ -16,11 +16,11 @@ The manager calls four hooks (``check`` before a subscribe, ``subscribed``,
 - A watcher (a subscribe with ``"presence": true``) gets each change of the
   table on its subject.  Its own join comes after the subscribe's reply: frames
   for it are held until the reply has been queued.
-- ``tick`` (every second, more often for short leases) renews the lease, starts a new incarnation when the
-  old one may have lapsed or NATS came back (every entry written again under
-  it, then the old one removed: watchers see no leave for the move), reads the
-  stream again when the feed falls silent, retries failed writes, and purges
-  what dead incarnations left.
+- ``tick`` (every second, more often for short leases) renews the lease,
+  starts a new incarnation when the old one may have lapsed or NATS came back
+  (every entry written again under it, then the old one removed: watchers see
+  no leave for the move), reads the stream again when the feed falls silent,
+  retries failed writes, and purges what dead incarnations left.
 """
 
 from __future__ import annotations
