@@ -349,9 +349,11 @@ class Presence:
                 self._erase.clear()  # whatever the old incarnation held goes with it
                 await self._retry()
                 if old is not None:
-                    self._purged.add(old)
-                    with contextlib.suppress(JetStreamError):
+                    self._purged.add(old)  # we purge it ourselves, right here
+                    try:
                         await self.store.end(old)
+                    except JetStreamError:
+                        self._purged.discard(old)  # its lease expires: whoever sees that purges
             if read or not self.feed.running:
                 await self.feed.start()
         except (JetStreamError, NatsError, OSError) as exc:
