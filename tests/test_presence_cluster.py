@@ -59,6 +59,32 @@ async def serving(url: str, timeout: float = 30) -> None:
         await asyncio.sleep(0.2)
 
 
+async def test_two_bridge_processes_on_one_nats_see_each_others_joins_and_leaves(
+    js_server, bridge_process, ws_factory
+):
+    env = {"NATS_URL": js_server.url, "PRESENCE_SUBJECTS": "room.*", "CONTROL_SUBJECT": unique("ctl"),
+           "TEST_PUBLISH_INTERVAL": "0"}
+    procs = [bridge_process(env=env), bridge_process(env=env)]
+    for proc in procs:
+        await serving(proc.http_url)
+    a, b = [await ws_factory(f"ws://127.0.0.1:{p.port}/stream") for p in procs]
+    await watch(a, "room.1")
+    mine = (await next_of(a, "join"))["client"]
+    await watch(b, "room.1")
+    theirs = (await next_of(a, "join", timeout=1.0))["client"]
+    assert [(await next_of(b, "join", timeout=1.0))["client"]] == [theirs]  # its own, after its reply
+    for client in (a, b):
+        answer = await ask(client, "room.1")
+        assert {e["client"] for e in answer["presence"]} == {mine, theirs}, answer
+    assert (await b.request({"action": "unsubscribe", "subjects": ["room.1"]}))["success"]
+    assert (await next_of(a, "leave", timeout=1.0))["client"] == theirs
+    await b.subscribe("room.1")
+    again = (await next_of(a, "join", timeout=1.0))["client"]
+    await b.close()
+    assert (await next_of(a, "leave", timeout=1.0))["client"] == again
+    assert (await ask(a, "room.1"))["count"] == 1
+
+
 async def test_a_killed_bridge_process_members_leave_within_presence_ttl(
     js_server, bridge_factory, bridge_process, ws_factory
 ):
