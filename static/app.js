@@ -103,9 +103,9 @@ const client = new BridgeClient(new URL("stream", window.location.href).pathname
 });
 
 // Presence, per subject watched (below): subject -> {count, entries: Map(client -> entry),
-// answered, shown}.  The answer asked after the subscribe's reply is the count; joins and
-// leaves that arrive after it move it (those before it are in it already: the socket keeps
-// the bridge's order).
+// answered, shown, early}.  The answer asked after the subscribe's reply is the count; joins
+// and leaves after it move it (those before it are in it already: the socket keeps the
+// bridge's order, and the client numbers them: `order`).
 const rooms = new Map();
 
 // ---------------------------------------------------------------------------
@@ -419,6 +419,10 @@ async function askPresence(subject) {
     room.count = answer.count;
     room.entries = new Map(answer.presence.map((e) => [e.client, e]));
     room.answered = room.shown = true;
+    // Frames that came after the answer, while this waited for its turn, move it.
+    const later = room.early.filter((e) => e.order > answer.order);
+    room.early = [];
+    later.forEach(applyPresence);
   } catch (err) {
     room.shown = false; // asked again after the next reconnect
   }
@@ -427,7 +431,14 @@ async function askPresence(subject) {
 
 function onPresence(event) {
   const room = rooms.get(event.subject);
-  if (!room || !room.answered) return; // the answer still to come counts it
+  if (!room) return;
+  if (!room.answered) room.early.push(event); // the answer decides whether it counts
+  else applyPresence(event);
+  showRooms();
+}
+
+function applyPresence(event) {
+  const room = rooms.get(event.subject);
   const known = room.entries.has(event.client);
   if (event.type === "join" && !known) {
     room.entries.set(event.client, event);
@@ -436,7 +447,6 @@ function onPresence(event) {
     room.entries.delete(event.client);
     room.count = Math.max(0, room.count - 1);
   }
-  showRooms();
 }
 
 client.on("join", onPresence);
@@ -521,7 +531,9 @@ function subscribeFromField() {
     const plain = subjects.filter((s) => !watched.includes(s));
     const subs = [];
     if (watched.length) {
-      for (const s of watched) rooms.set(s, { count: 0, entries: new Map(), answered: false, shown: false });
+      for (const s of watched) {
+        rooms.set(s, { count: 0, entries: new Map(), answered: false, shown: false, early: [] });
+      }
       const sub = client.subscribe(watched, { ...options, presence: true });
       sub.ready.then(() => watched.forEach(askPresence), () => watched.forEach((s) => rooms.delete(s)));
       subs.push(sub);

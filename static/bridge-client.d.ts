@@ -35,6 +35,9 @@ export interface PresenceReply extends Reply {
   count: number;
   /** Distinct non-null users among them. */
   users: number;
+  /** Not on the wire: the `order` of the last join or leave this client received before this
+   * answer.  Events with a greater `order` came after it: the count moves with those only. */
+  order: number;
 }
 
 /** Someone came on (`join`) or left (`leave`) a watched subject. */
@@ -47,6 +50,9 @@ export interface PresenceEvent {
   since?: number;
   /** On a join whose token has an `info` claim. */
   info?: Record<string, unknown>;
+  /** Not on the wire: this client numbers join and leave frames as they come (see
+   * PresenceReply.order). */
+  order: number;
 }
 
 /** An Error whose message is the bridge's reply message. */

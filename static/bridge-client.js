@@ -567,8 +567,12 @@ export class BridgeClient extends Emitter {
     for (const sub of route.subs) if (sub._handlers.message && this._subs.has(sub)) sub._emit("message", message);
   }
 
-  // Someone came or went on a subject a subscription watches ({presence: true}).
+  // Someone came or went on a subject a subscription watches ({presence: true}).  `order`
+  // numbers presence frames as they came; an answer gets the number of the last one before it,
+  // so a count taken from it moves with exactly the events after it (a batch of frames is
+  // dispatched before an await on presence() resumes).
   _onPresence(type, frame) {
+    frame.order = this._presenceOrder = (this._presenceOrder || 0) + 1;
     this._emit(type, frame);
     for (const sub of [...this._subs]) {
       if (sub.options.presence === true && sub.subjects.includes(frame.subject)) sub._emit(type, frame);
@@ -595,6 +599,7 @@ export class BridgeClient extends Emitter {
     if (req.kind === "subscribe") {
       this._onSubscribed(req, frame);
     } else if (req.kind === "publish" || req.kind === "refresh" || req.kind === "presence") {
+      if (req.kind === "presence") frame.order = this._presenceOrder || 0;
       if (frame.success === true) req.resolve(frame);
       else req.reject(replyError(frame));
     } else {

@@ -38,20 +38,21 @@ async def test_library_subscription_hears_joins_and_leaves_and_answers_who_is_he
     await page.evaluate("""async () => {
         window.events = [];
         window.sub = client.subscribe("room.lib", {presence: true});
-        sub.on("join", (e) => events.push(["join", e.client, e.user]));
-        sub.on("leave", (e) => events.push(["leave", e.client, e.user]));
+        sub.on("join", (e) => events.push(["join", e.client, e.user, e.order]));
+        sub.on("leave", (e) => events.push(["leave", e.client, e.user, e.order]));
         await sub.ready;
     }""")
     (own,) = await events(page, 1)  # its own join, after the reply
     other = await ws_factory(presence_bridge.ws_url)
     await other.subscribe("room.lib")
     joined = (await events(page, 2))[1]
-    assert (own[0], joined[0], joined[2]) == ("join", "join", None)
+    assert (own[0], own[3], joined[0], joined[2], joined[3]) == ("join", 1, "join", None, 2)
     answer = await page.evaluate("async () => await sub.presence()")
     assert (answer["subject"], answer["count"], answer["users"]) == ("room.lib", 2, 0)
     assert {e["client"] for e in answer["presence"]} == {own[1], joined[1]}
+    assert answer["order"] == 2  # the events it already counts
     await other.close()
-    assert (await events(page, 3))[2] == ["leave", joined[1], None]
+    assert (await events(page, 3))[2] == ["leave", joined[1], None, 3]
 
 
 async def test_library_presence_refusals_reject_with_the_bridges_words(presence_bridge, open_page: OpenPage):
