@@ -16,7 +16,9 @@ reply, then the live messages held back meanwhile, with no gap and no
 duplicate (hub/catchup.py).
 
 What else a client may ask (publish, refresh) lives in bridge/actions/; what
-a session is, in bridge/hub/session.py.
+a session is, in bridge/hub/session.py.  Who is here (presence) follows the
+subscriptions through hooks into bridge/presence/room.py: a check before a
+subscribe, then after it, after an unsubscribe (a refresh's too) and at the end.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from bridge.hub.outbox import Flusher, Outbox, broadcast
 from bridge.hub.registry import FeedUnavailable, Registry
 from bridge.hub.session import Session
 from bridge.jetstream.api import JetStream, JetStreamError
+from bridge.presence.room import Presence
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +82,7 @@ class WSSManager:
         refresh_lead: float = 30.0,
         worker: int = 1,
         max_connections_per_user: int = 50,
+        presence: Callable[[Callable[[], NATS], JetStream], Presence] = Presence,
     ) -> None:
         # A callable, not the client itself: the NATS connection is made in the
         # app's startup hook, after the manager exists.
@@ -95,7 +99,8 @@ class WSSManager:
         self.catch_up = CatchUp(self.registry, self.jetstream, policy, limits.max_history)
         self.lifetime = TokenLifetime(stats, refresh_lead)
         self.publisher = Publisher(nats_client, policy, limits, stats)
-        self.refresher = Refresher(verifier, policy, self.registry, self.lifetime, stats)
+        self.presence = presence(nats_client, self.jetstream)
+        self.refresher = Refresher(verifier, policy, self.registry, self.lifetime, stats, self.presence)
         self.admission = Admission(max_connections, max_connections_per_user)
         # Which of this host's worker processes we are (WORKERS), told to every client.
         self.worker = worker
@@ -197,6 +202,7 @@ class WSSManager:
                 mine.discard(session)
                 if not mine:
                     del self.users[session.user.sub]
+        self.presence.unregistered(session)
         await self.registry.remove(session, list(session.subscriptions))
         await session.outbox.stop_writer()
 
@@ -281,22 +287,26 @@ class WSSManager:
             return [await self.publisher.publish(session, body, request_id, trusted)]
         if action == "refresh" and not trusted:
             return [await self.refresher.refresh(session, body, request_id)]
+        if action == "presence":
+            return [self.presence.answer(session, body, request_id, trusted)]
         if action not in ("subscribe", "unsubscribe"):
             raise BadFrame("action", msg_bad_action(action))
         limits = self.limits
         subjects = requested_subjects(body, limits.max_subjects_per_request, limits.max_subject_length)
         if action == "subscribe":
-            return [await self.subscribe(session, subjects, request_id, trusted, body.get("history"))]
+            return [await self.subscribe(session, subjects, request_id, trusted, body.get("history"),
+                                         body.get("presence"))]
         return await self.unsubscribe(session, subjects, request_id)
 
     # -- one subscription, start to end --------------------------------------
 
     async def subscribe(self, session: Session, subjects: list[str], request_id: Any = None,
-                        trusted: bool = False, history: Any = None) -> dict[str, Any]:
+                        trusted: bool = False, history: Any = None, presence: Any = None) -> dict[str, Any]:
         for subject in subjects:
             refusal = session.perms.subscribe_refusal(subject, trusted=trusted)
             if refusal:
                 raise BadFrame("policy", refusal)
+        self.presence.check(session, subjects, presence)
         spec = None
         if history is not None:
             try:
@@ -343,6 +353,7 @@ class WSSManager:
                        for s in subjects if (t := topics.get(s)) is not None and t.feed is not None}
             if streams:
                 extra["streams"] = streams
+        await self.presence.subscribed(session, subjects, presence)
         return reply(True, msg_subscribed(subjects), request_id, action="subscribe", subjects=subjects,
                      **extra)
 
@@ -350,6 +361,7 @@ class WSSManager:
                           ) -> list[dict[str, Any]]:
         followed = [s for s in subjects if s in session.subscriptions]
         await self.registry.remove(session, followed)
+        await self.presence.unsubscribed(session, followed)
         return [
             reply(True, msg_unsubscribed(s), request_id, action="unsubscribe", subjects=[s])
             if s in followed

@@ -32,11 +32,13 @@ from bridge.config import (
     load_config,
 )
 from bridge.core.frames import CLOSE_GOING_AWAY
+from bridge.core.presence import PresenceSpace
 from bridge.core.redaction import redact, scrub
 from bridge.core.stats import LinkStats
 from bridge.jetstream.api import HEARTBEAT
 from bridge.panini_workarounds import PANINI
 from bridge.plane.control_plane import PLANE, ControlPlane
+from bridge.presence.room import Presence
 from bridge.process import demo, memory, metrics, nats_link, siblings, workers
 from bridge.process.keys import KEYS, KeyStore
 from bridge.process.logs import AccessLog, configure_logging
@@ -66,9 +68,13 @@ def create_app(config: Config, worker: Worker = workers.LONE) -> panini_app.App:
     app.setup_web_server(host=config.http_host, port=config.http_port, web_app=web_app)
     keys = KeyStore(config)
     nats = partial(panini_workarounds.nats_client, app)
+    presence = partial(Presence, space=PresenceSpace(config.presence_subjects), root=config.control_subject,
+                       ttl=config.presence_ttl, max_entries=config.presence_max,
+                       max_subject_length=config.max_subject_length, worker=worker.index)
     manager = WSSManager(nats, config.limits, config.policy, config.max_connections,
                          verifier=lambda: keys.verifier, refresh_lead=config.jwt_refresh_lead,
-                         worker=worker.index, max_connections_per_user=config.max_connections_per_user)
+                         worker=worker.index, max_connections_per_user=config.max_connections_per_user,
+                         presence=presence)
     plane = ControlPlane(app, manager, nats, config.control_subject, config.control_timeout,
                          config.control_heartbeat, worker.index)
     web_app[CONFIG] = config
@@ -99,6 +105,7 @@ def create_app(config: Config, worker: Worker = workers.LONE) -> panini_app.App:
         demo.register(app, config.test_publish_interval)
     app.task(interval=HEARTBEAT)(manager.registry.check_feeds)
     app.task(interval=memory.INTERVAL)(memory.give_back)
+    app.task(interval=manager.presence.tick_interval)(manager.presence.tick)
 
     web_app.cleanup_ctx.append(keys.lifecycle)  # a bad key fails the start before NATS is tried
     # First in, last out: NATS outlives the rest.
@@ -106,6 +113,7 @@ def create_app(config: Config, worker: Worker = workers.LONE) -> panini_app.App:
     if config.create_stream and worker.index == 1:
         web_app.cleanup_ctx.append(partial(demo.demo_stream, jetstream=manager.jetstream))
     web_app.cleanup_ctx.append(plane.lifecycle)
+    web_app.cleanup_ctx.append(manager.presence.lifecycle)  # its lease removed before NATS goes
     web_app.cleanup_ctx.append(siblings.private_site)
     web_app.cleanup_ctx.append(panini_tasks)
     web_app.on_shutdown.append(plane.leave)  # peers stop waiting for us first

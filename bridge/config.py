@@ -208,6 +208,16 @@ def _workers(text: str) -> int:
     return value
 
 
+def _presence_ttl(text: str) -> float:
+    # Whole seconds: JetStream's per-message TTL counts in them, and a lease lives one second
+    # less than this so that a dead process's leaves are sent within it (docs/presence.md).
+    expected = "expected a whole number of seconds >= 3, like 15"
+    value = _number(text, float, expected)
+    if not value.is_integer() or not 3 <= value <= 86_400:
+        raise ValueError(expected)
+    return value
+
+
 def _concrete_subject(text: str) -> str:
     error = subject_error(text.strip(), 200, wildcards=False)
     if error:
@@ -298,6 +308,7 @@ GROUP_WHAT = "what they may do"
 GROUP_HISTORY = "history (JetStream)"
 GROUP_SLOW = "slow clients"
 GROUP_SCALE = "beyond one process"
+GROUP_PRESENCE = "presence"
 GROUP_LOGS = "logs"
 
 
@@ -581,6 +592,25 @@ class Config:
         "seconds between a bridge process's announcements on the control plane; one silent for 3 of "
         "them is no longer waited for",
         group=GROUP_SCALE,
+    )
+    # Presence
+    presence_subjects: tuple[str, ...] = opt(
+        (), "PRESENCE_SUBJECTS", _template_patterns,
+        "subject patterns on which presence is kept ({sub}: the token's sub): a client subscribing to an "
+        "exact subject within them joins it, on every bridge process sharing the NATS cluster (needs "
+        "JetStream); empty: none",
+        group=GROUP_PRESENCE,
+    )
+    presence_ttl: float = opt(
+        15.0, "PRESENCE_TTL", _presence_ttl,
+        "seconds within which the entries of a bridge process that died without a word are gone and "
+        "their leaves sent",
+        group=GROUP_PRESENCE,
+    )
+    presence_max: int = opt(
+        1000, "PRESENCE_MAX", _count,
+        "most entries one presence answer lists (its count and users stay exact)",
+        group=GROUP_PRESENCE,
     )
     # Logs
     log_level: str = opt("INFO", "LOG_LEVEL", _log_level, "DEBUG, INFO, WARNING or ERROR", group=GROUP_LOGS)

@@ -7,8 +7,10 @@ settings it runs with (a subject SUBJECT_ALLOW allows, ?token= and how to mint
 one when JWT is on; see ``hints``).  nats-server's output
 goes to .run/nats-server.log.  Publishing from the page is on for `demo.>`
 (unless PUBLISH_ALLOW says otherwise), so its Publish box works out of the box,
-and a small stream DEMO stores test.subject and demo.> (unless CREATE_STREAM
-says otherwise), so history works too; `python main.py` alone does neither.  Ctrl-C (or SIGTERM) stops both.
+a small stream DEMO stores test.subject and demo.> (unless CREATE_STREAM
+says otherwise), so history works too, and presence is kept on demo.> (unless
+PRESENCE_SUBJECTS says otherwise), so the page shows who is on demo.room;
+`python main.py` alone does none of these.  Ctrl-C (or SIGTERM) stops both.
 Extra arguments go to main.py.
 """
 
@@ -39,6 +41,7 @@ NATS_LOG = RUN_DIR / "nats-server.log"
 NATS_HOST, NATS_PORT, NATS_MONITOR_PORT = "127.0.0.1", 4222, 8222
 DEMO_PUBLISH = "demo.>"
 DEMO_STREAM = "DEMO:test.subject,demo.>"
+DEMO_PRESENCE = "demo.>"
 # The user the hints mint a token for when JWT is on ({sub} in SUBJECT_ALLOW/PUBLISH_ALLOW becomes this).
 DEMO_USER = "alice"
 DEMO_DATA = '{"text": "hello"}'
@@ -105,6 +108,7 @@ def effective_config(args: list[str], environ: dict[str, str]) -> tuple[Config, 
     env = dict(environ)
     env.setdefault("PUBLISH_ALLOW", DEMO_PUBLISH)
     env.setdefault("CREATE_STREAM", DEMO_STREAM)
+    env.setdefault("PRESENCE_SUBJECTS", DEMO_PRESENCE)
     return load_config(args, env), env
 
 

@@ -102,6 +102,12 @@ const client = new BridgeClient(new URL("stream", window.location.href).pathname
   WebSocket: WorkerWebSocket,
 });
 
+// Presence, per subject watched (below): subject -> {count, entries: Map(client -> entry),
+// answered, shown, early}.  The answer asked after the subscribe's reply is the count; joins
+// and leaves after it move it (those before it are in it already: the socket keeps the
+// bridge's order, and the client numbers them: `order`).
+const rooms = new Map();
+
 // ---------------------------------------------------------------------------
 // Connection state
 // ---------------------------------------------------------------------------
@@ -356,6 +362,8 @@ function renderChips(subjects) {
     chip.append(el("span", "chip-subject", subject));
     const stateText = chipStateText(state);
     if (stateText) chip.append(el("span", "chip-state", stateText));
+    const room = rooms.get(subject);
+    if (room?.shown) chip.append(el("span", "chip-presence", presenceText(room)));
     if (error) chip.title = error;
     const remove = el("button", "chip-remove", "×");
     remove.type = "button";
@@ -371,6 +379,7 @@ function renderChips(subjects) {
     frag.append(chip);
   }
   ui.chips.replaceChildren(frag);
+  for (const subject of rooms.keys()) if (!subjects.some((s) => s.subject === subject)) rooms.delete(subject);
   ui.noSubs.hidden = subjects.length > 0;
   updateCounts(); // the empty list names what it waits for
   if (focused) {
@@ -380,6 +389,77 @@ function renderChips(subjects) {
 }
 
 client.on("subjects", renderChips);
+
+// ---------------------------------------------------------------------------
+// Presence: for subjects the bridge keeps it on, how many are here and who
+// ---------------------------------------------------------------------------
+
+const isExact = (subject) => !subject.split(".").some((t) => t === "*" || t === ">");
+
+function presenceText(room) {
+  const listed = [...room.entries.values()];
+  const users = [...new Set(listed.map((e) => e.user).filter((u) => u !== null))].sort();
+  const anonymous = listed.filter((e) => e.user === null).length;
+  const who = [...users, ...(anonymous ? [`${fmt(anonymous)} anonymous`] : [])];
+  if (room.count > listed.length) who.push(`${fmt(room.count - listed.length)} more`);
+  return `${fmt(room.count)} here` + (who.length ? `: ${who.join(", ")}` : "");
+}
+
+function showRooms() {
+  renderChips(client.subjects());
+}
+
+async function askPresence(subject) {
+  const room = rooms.get(subject);
+  if (!room) return;
+  room.answered = false;
+  try {
+    const answer = await client.presence(subject);
+    if (rooms.get(subject) !== room) return;
+    room.count = answer.count;
+    room.entries = new Map(answer.presence.map((e) => [e.client, e]));
+    room.answered = room.shown = true;
+    // Frames that came after the answer, while this waited for its turn, move it.
+    const later = room.early.filter((e) => e.order > answer.order);
+    room.early = [];
+    later.forEach(applyPresence);
+  } catch (err) {
+    room.shown = false; // asked again after the next reconnect
+  }
+  showRooms();
+}
+
+function onPresence(event) {
+  const room = rooms.get(event.subject);
+  if (!room) return;
+  if (!room.answered) room.early.push(event); // the answer decides whether it counts
+  else applyPresence(event);
+  showRooms();
+}
+
+function applyPresence(event) {
+  const room = rooms.get(event.subject);
+  const known = room.entries.has(event.client);
+  if (event.type === "join" && !known) {
+    room.entries.set(event.client, event);
+    room.count += 1;
+  } else if (event.type === "leave" && (known || room.count > room.entries.size)) {
+    room.entries.delete(event.client);
+    room.count = Math.max(0, room.count - 1);
+  }
+}
+
+client.on("join", onPresence);
+client.on("leave", onPresence);
+// A new connection watches anew: the count starts again from a fresh answer.
+client.on("resubscribed", () => rooms.forEach((_, subject) => askPresence(subject)));
+
+// Which of `subjects` keep presence: one question each (exact ones only, while connected).
+async function withPresence(subjects) {
+  if (client.state !== "connected") return [];
+  const asked = subjects.filter(isExact).map((s) => client.presence(s).then(() => s, () => null));
+  return (await Promise.all(asked)).filter((s) => s !== null);
+}
 
 // After a reconnect, stored subjects resume where they left off (bridge-client.js); what
 // each resume found is said together with the renewal.
@@ -439,17 +519,31 @@ function subscribeFromField() {
   }
   // Stored messages first, when the page asks for them (only subjects a stream stores have any).
   const last = Number(ui.history.value);
-  const sub = client.subscribe(subjects, last > 0 ? { history: { last } } : {});
+  const options = last > 0 ? { history: { last } } : {};
   ui.subject.value = "";
   if (client.state !== "connected") {
     setStatus(ui.subjectStatus, true, "Not connected: will subscribe once the connection is back.");
   } else {
     setStatus(ui.subjectStatus, true, "Subscribing…");
   }
-  sub.ready.then(
-    (reply) => setStatus(ui.subjectStatus, true, String(reply.message)),
-    (err) => setStatus(ui.subjectStatus, false, err.message),
-  );
+  // Subjects where the bridge keeps presence are watched: the chip says who is here.
+  withPresence(subjects).then((watched) => {
+    const plain = subjects.filter((s) => !watched.includes(s));
+    const subs = [];
+    if (watched.length) {
+      for (const s of watched) {
+        rooms.set(s, { count: 0, entries: new Map(), answered: false, shown: false, early: [] });
+      }
+      const sub = client.subscribe(watched, { ...options, presence: true });
+      sub.ready.then(() => watched.forEach(askPresence), () => watched.forEach((s) => rooms.delete(s)));
+      subs.push(sub);
+    }
+    if (plain.length) subs.push(client.subscribe(plain, options));
+    Promise.all(subs.map((s) => s.ready)).then(
+      (replies) => setStatus(ui.subjectStatus, true, replies.map((r) => String(r.message)).join("; ")),
+      (err) => setStatus(ui.subjectStatus, false, err.message),
+    );
+  });
 }
 
 function unsubscribe(subjects) {

@@ -6,11 +6,53 @@ export interface Reply {
   message: string;
   type: "reply";
   id?: string | number | boolean;
-  action?: "subscribe" | "unsubscribe" | "publish" | "refresh";
+  action?: "subscribe" | "unsubscribe" | "publish" | "refresh" | "presence";
   subjects?: string[];
   /** "http" when a backend made the request through POST /clients/{connection_id}. */
   source?: "http";
   [member: string]: unknown;
+}
+
+/** One client on a subject: one connection's subscription to it. */
+export interface PresenceEntry {
+  /** The token's sub, or null without JWT. */
+  user: string | null;
+  /** An opaque id of this entry alone (never a connection id). */
+  client: string;
+  /** When it joined (Unix seconds). */
+  since: number;
+  /** The token's `info` claim, as it is. */
+  info?: Record<string, unknown>;
+}
+
+/** The answer to presence(): who is on `subject`, over every bridge process. */
+export interface PresenceReply extends Reply {
+  action: "presence";
+  subject: string;
+  /** Oldest first, at most PRESENCE_MAX of them. */
+  presence: PresenceEntry[];
+  /** Every entry, exact, also when `presence` is cut. */
+  count: number;
+  /** Distinct non-null users among them. */
+  users: number;
+  /** Not on the wire: the `order` of the last join or leave this client received before this
+   * answer.  Events with a greater `order` came after it: the count moves with those only. */
+  order: number;
+}
+
+/** Someone came on (`join`) or left (`leave`) a watched subject. */
+export interface PresenceEvent {
+  type: "join" | "leave";
+  subject: string;
+  user: string | null;
+  client: string;
+  /** On a join. */
+  since?: number;
+  /** On a join whose token has an `info` claim. */
+  info?: Record<string, unknown>;
+  /** Not on the wire: this client numbers join and leave frames as they come (see
+   * PresenceReply.order). */
+  order: number;
 }
 
 /** An Error whose message is the bridge's reply message. */
@@ -141,9 +183,14 @@ export declare class Subscription {
   on(event: "state", fn: (state: SubscriptionState, error: string | null) => void): () => void;
   /** A reconnect could not recover every stored message missed (see BridgeClient "gap"). */
   on(event: "gap", fn: (gap: Gap) => void): () => void;
+  /** With {presence: true}: someone came on or left one of its subjects, on any bridge process
+   * (this connection's own join too, after the subscribe's reply, and again after a reconnect). */
+  on(event: "join" | "leave", fn: (event: PresenceEvent) => void): () => void;
   off(event: string, fn: (...args: any[]) => void): void;
   /** Resolves with the bridge's replies (one per subject no other subscription holds). */
   unsubscribe(): Promise<Reply[]>;
+  /** Who is on one of its subjects (default: the first); see BridgeClient.presence. */
+  presence(subject?: string): Promise<PresenceReply>;
 }
 
 /** After a reconnect, stored messages of `subject` after `afterSeq` could not all be sent
@@ -179,7 +226,8 @@ export declare class BridgeClient {
 
   /** A subject or several; NATS wildcards allowed.  Members of `options` go into the request
    * frame as they are (`id` becomes the request's id; `history`, e.g. {last: 10}, asks for
-   * stored messages first).  Subscribing to something already held resolves.  After a
+   * stored messages first; `presence: true` brings "join" and "leave" events for exact subjects
+   * within the bridge's PRESENCE_SUBJECTS, and is refused elsewhere).  Subscribing to something already held resolves.  After a
    * reconnect, every subscription of a stored subject resumes after the last sequence it
    * saw, so no stored message is lost across a drop (or a "gap" says which were). */
   subscribe(subjects: string | readonly string[], options?: Record<string, unknown>): Subscription;
@@ -188,6 +236,10 @@ export declare class BridgeClient {
   /** A string goes as text, bytes as base64, other values as JSON; with {json: true} `data` is
    * JSON text sent verbatim.  Resolves with the reply; rejects with a ReplyError. */
   publish(subject: string, data: unknown, options?: { json?: boolean; encoding?: "base64" }): Promise<Reply>;
+  /** Who is on `subject` (exact, within PRESENCE_SUBJECTS, one this client may subscribe to;
+   * no subscription needed), over every bridge process.  Rejects with a ReplyError (where
+   * presence is not kept, not allowed) or when the connection drops first (never re-sent). */
+  presence(subject: string): Promise<PresenceReply>;
   /** Any request, as an object or as text sent as typed; resolves with all its replies. */
   send(request: object | string): Promise<Reply[]>;
   /** Every subject held or wanted, with its state. */
@@ -206,6 +258,8 @@ export declare class BridgeClient {
   on(event: "welcome", fn: (frame: WelcomeFrame) => void): () => void;
   on(event: "status", fn: (frame: StatusFrame) => void): () => void;
   on(event: "dropped", fn: (frame: DroppedFrame) => void): () => void;
+  /** Someone came on or left a subject any subscription watches ({presence: true}). */
+  on(event: "join" | "leave", fn: (event: PresenceEvent) => void): () => void;
   /** Every reply; `matched` is false for replies to no request of this client. */
   on(event: "reply", fn: (frame: Reply, matched: boolean) => void): () => void;
   on(event: "subjects", fn: (subjects: SubjectState[]) => void): () => void;

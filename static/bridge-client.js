@@ -179,6 +179,11 @@ export class Subscription extends Emitter {
     return this.client._unsubscribe(this);
   }
 
+  // Who is on one of its subjects (the first by default), over every bridge process.
+  presence(subject = this.subjects[0]) {
+    return this.client.presence(subject);
+  }
+
   _setState(state, error = null) {
     if (state === this.state && error === this.error) return;
     this.state = state;
@@ -300,6 +305,16 @@ export class BridgeClient extends Emitter {
       text = JSON.stringify(body);
     }
     return new Promise((resolve, reject) => this._enqueue({ kind: "publish", text, id, resolve, reject }));
+  }
+
+  // Who is on `subject` (exact, within the bridge's PRESENCE_SUBJECTS): the bridge's answer,
+  // {presence, count, users}; rejects with the bridge's reason.  Never sent again after a drop.
+  presence(subject) {
+    if (!this._welcomed) return Promise.reject(new Error("Not connected to the bridge"));
+    if (typeof subject !== "string") return Promise.reject(new TypeError("a subject (a string) is needed"));
+    const id = this._newId();
+    const text = JSON.stringify({ action: "presence", subject, id });
+    return new Promise((resolve, reject) => this._enqueue({ kind: "presence", text, id, resolve, reject }));
   }
 
   send(request) {
@@ -505,6 +520,8 @@ export class BridgeClient extends Emitter {
     } else if (type === "token_expiring") {
       this._emit("expiring", frame);
       this._refresh();
+    } else if (type === "join" || type === "leave") {
+      this._onPresence(type, frame);
     }
     // Other types are a newer bridge's: ignored.
   }
@@ -550,6 +567,18 @@ export class BridgeClient extends Emitter {
     for (const sub of route.subs) if (sub._handlers.message && this._subs.has(sub)) sub._emit("message", message);
   }
 
+  // Someone came or went on a subject a subscription watches ({presence: true}).  `order`
+  // numbers presence frames as they came; an answer gets the number of the last one before it,
+  // so a count taken from it moves with exactly the events after it (a batch of frames is
+  // dispatched before an await on presence() resumes).
+  _onPresence(type, frame) {
+    frame.order = this._presenceOrder = (this._presenceOrder || 0) + 1;
+    this._emit(type, frame);
+    for (const sub of [...this._subs]) {
+      if (sub.options.presence === true && sub.subjects.includes(frame.subject)) sub._emit(type, frame);
+    }
+  }
+
   _onReply(frame) {
     let key = null;
     let queue = this._anon;
@@ -569,7 +598,8 @@ export class BridgeClient extends Emitter {
     req.replies.push(frame);
     if (req.kind === "subscribe") {
       this._onSubscribed(req, frame);
-    } else if (req.kind === "publish" || req.kind === "refresh") {
+    } else if (req.kind === "publish" || req.kind === "refresh" || req.kind === "presence") {
+      if (req.kind === "presence") frame.order = this._presenceOrder || 0;
       if (frame.success === true) req.resolve(frame);
       else req.reject(replyError(frame));
     } else {
@@ -595,6 +625,8 @@ export class BridgeClient extends Emitter {
       e.state = "pending";
       e.error = null;
     }
+    // A later holder's watch is renewed after a reconnect too (renewals use the entry's options).
+    if (options?.presence === true && e.options.presence !== true) e.options = { ...e.options, presence: true };
     e.holders.add(sub);
   }
 

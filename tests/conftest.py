@@ -160,7 +160,6 @@ class NatsServer:
         if not control_plane:
             subs = [s for s in subs if not s.startswith(f"{DEFAULT_CONTROL_SUBJECT}.")]
         return subs
-        return subs
 
 
 @pytest.fixture(scope="session")
@@ -339,11 +338,11 @@ class WSClient:
         return frame
 
     async def receive_message(self, timeout: float = TIMEOUT) -> dict[str, Any]:
-        """The next forwarded NATS message, skipping control frames."""
+        """The next forwarded NATS message (no ``type``), skipping control frames."""
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             frame = await self.receive(max(0.01, deadline - asyncio.get_running_loop().time()))
-            if "subject" in frame:
+            if "subject" in frame and "type" not in frame:
                 return frame
 
     async def request(self, obj: Any, timeout: float = TIMEOUT) -> dict[str, Any]:

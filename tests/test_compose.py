@@ -515,6 +515,12 @@ def test_demo_control_token_is_taken_from_the_shell_when_set(file: Path) -> None
         assert config.control_tokens == ("mine",), name
 
 
+@pytest.mark.parametrize("file", DEMO_FILES, ids=lambda f: f.name)
+def test_demo_keeps_presence_on_the_demo_subjects_on_every_bridge(file: Path) -> None:
+    for name in demo_bridges(file):
+        assert load_config([], container_env(name, file)).presence_subjects == ("demo.>",), name
+
+
 # ---------------------------------------------------------------------------
 # The container's command and environment, run for real
 # ---------------------------------------------------------------------------

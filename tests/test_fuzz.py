@@ -3,7 +3,9 @@
 One campaign per test run (a module-scoped fixture): hypothesis generates
 batches of frames (random JSON shapes, unicode including lone surrogates, huge
 numbers, deep nesting, random bytes sent as text and as binary frames,
-near-valid control frames with random subjects and actions, ``refresh`` frames
+near-valid control frames with random subjects and actions (``presence`` asks and
+``"presence"`` members on subscribes among them, on a bridge keeping presence
+on ``fuzz.>`` with JetStream), ``refresh`` frames
 carrying random tokens: forged, expired, another user's, garbage, and validly
 signed ones with random ``nats`` permission claims; each is sent as generated
 and again with one byte changed) and sends them to a bridge process (JWT on)
@@ -73,7 +75,8 @@ def weighted(*choices: tuple[int, st.SearchStrategy[Any]]) -> st.SearchStrategy[
 
 SURROGATES = st.sampled_from(["\ud800", "\udfff", "a\udc00b"])
 TEXT = weighted((12, st.text(max_size=16)), (1, SURROGATES))
-KEYS = st.sampled_from(["action", "subjects", "subject", "id", "data", "encoding", "type", ""]) | TEXT
+KEYS = st.sampled_from(["action", "subjects", "subject", "id", "data", "encoding", "type", "presence",
+                        ""]) | TEXT
 
 HUGE_INTS = st.integers(min_value=-(10**300), max_value=10**300)
 SCALARS = st.one_of(
@@ -102,7 +105,8 @@ SUBJECTS = weighted(
     (1, st.sampled_from(["fuzz.pub.a", "fuzz.pub.b.c", ">", "*.>", "_INBOX.>", "$SYS.>", "a.*.b"])),
 )
 ACTIONS = weighted(
-    (8, st.sampled_from(["subscribe", "unsubscribe", "publish", "refresh", "SUBSCRIBE", "sub", ""])),
+    (8, st.sampled_from(["subscribe", "unsubscribe", "publish", "refresh", "presence", "SUBSCRIBE", "sub",
+                         ""])),
     (1, TEXT),
     (1, JSON_VALUES),
 )
@@ -144,8 +148,17 @@ NEAR_VALID = st.fixed_dictionaries(
         "id": IDS,
         "data": st.one_of(JSON_VALUES, BASE64ISH),
         "encoding": st.sampled_from(["base64", "utf-8", 1, None]),
+        "presence": weighted((4, st.booleans()), (1, JSON_VALUES)),
     },
 )
+
+# Watching and asking presence where it is kept (random subjects rarely all are), and leaving again.
+ROOM = st.sampled_from(["fuzz.room.a", "fuzz.room.b", "fuzz.pub.a"])
+PRESENCE_FRAMES = st.fixed_dictionaries(
+    {"action": st.sampled_from(["subscribe", "subscribe", "unsubscribe"]),
+     "subjects": st.lists(ROOM, min_size=1, max_size=2), "presence": st.just(True)},
+    optional={"id": IDS},
+) | st.fixed_dictionaries({"action": st.just("presence"), "subject": ROOM}, optional={"id": IDS})
 
 
 def dumps(value: Any) -> str:
@@ -172,6 +185,7 @@ AT_LIMIT = st.integers(min_value=FRAME_LIMIT - 3, max_value=FRAME_LIMIT + 64)
 # Frames that end the connection (oversize, not UTF-8) are kept rare: each costs a reconnect.
 FRAMES = weighted(
     (40, text_frame(NEAR_VALID.map(dumps))),
+    (3, text_frame(PRESENCE_FRAMES.map(dumps))),
     (20, text_frame(JSON_VALUES.map(dumps))),
     (8, text_frame(st.builds(truncated, NEAR_VALID, st.integers(min_value=0)))),
     (6, text_frame(st.text(max_size=200))),
@@ -234,6 +248,8 @@ class Record:
     reconnects: int = 0
     anomalies: dict[str, tuple[int, str]] = field(default_factory=dict)  # kind -> (count, example)
     refreshes: dict[bool, int] = field(default_factory=dict)  # refresh replies by success
+    presence: dict[bool, int] = field(default_factory=dict)  # presence replies by success
+    presence_frames: int = 0  # join and leave frames received
     side_published: int = 0
     side_received: list[int] = field(default_factory=list)
     alive_during: bool = True
@@ -342,8 +358,10 @@ class Fuzzer:
                 except ValueError:
                     record.anomaly("bridge sent a text frame that is not JSON", frame)
                     continue
+                if isinstance(reply, dict) and reply.get("type") in ("join", "leave"):
+                    record.presence_frames += 1
                 if not isinstance(reply, dict) or reply.get("type") != "reply":
-                    continue  # a forwarded message or a status frame
+                    continue  # a forwarded message, a status, join or leave frame
                 if reply.get("id") == sid:
                     if answers == 0:
                         record.anomaly("frame got no reply", frame)
@@ -353,9 +371,10 @@ class Fuzzer:
                     record.anomaly("reply without boolean success and string message", frame)
                 answers += 1
                 record.replies += 1
-                if reply.get("action") == "refresh":
+                if reply.get("action") in ("refresh", "presence"):
                     ok = reply.get("success") is True
-                    record.refreshes[ok] = record.refreshes.get(ok, 0) + 1
+                    tally = record.refreshes if reply["action"] == "refresh" else record.presence
+                    tally[ok] = tally.get(ok, 0) + 1
                 continue
             record.frames += 1
             if msg.type is aiohttp.WSMsgType.CLOSE:
@@ -480,10 +499,11 @@ async def campaign(nats_url: str, bp: BridgeProcess, record: Record) -> None:
 
 
 @pytest.fixture(scope="module")
-def fuzz_record(nats_server: NatsServer) -> Iterator[Record]:
+def fuzz_record(js_server: NatsServer) -> Iterator[Record]:
     record = Record()
     bp = spawn_bridge(env={
-        "NATS_URL": nats_server.url,
+        "NATS_URL": js_server.url,
+        "PRESENCE_SUBJECTS": "fuzz.>",
         "CONTROL_RATE": "1000000",
         "MAX_FRAME_BYTES": str(FRAME_LIMIT),
         "PUBLISH_ALLOW": "fuzz.pub.>",
@@ -497,7 +517,7 @@ def fuzz_record(nats_server: NatsServer) -> Iterator[Record]:
         # A Runner, not asyncio.run: panini's nest_asyncio replaces asyncio.run with one
         # that needs a current loop, and pytest-asyncio leaves none between tests.
         with asyncio.Runner() as runner:
-            runner.run(campaign(nats_server.url, bp, record))
+            runner.run(campaign(js_server.url, bp, record))
     finally:
         record.exit_code, record.log = bp.stop(signal.SIGTERM, timeout=20)
     print(f"fuzz campaign: {describe(record)}")  # shown with -s
@@ -506,7 +526,8 @@ def fuzz_record(nats_server: NatsServer) -> Iterator[Record]:
 
 def describe(record: Record) -> str:
     return (f"{record.frames} frames, {record.replies} replies, closes {record.closes}, "
-            f"{record.reconnects} reconnects, refreshes {record.refreshes}, {record.elapsed:.1f} s")
+            f"{record.reconnects} reconnects, refreshes {record.refreshes}, presence {record.presence} "
+            f"and {record.presence_frames} join/leave frames, {record.elapsed:.1f} s")
 
 
 # ---------------------------------------------------------------------------
@@ -527,6 +548,13 @@ def test_fuzz_refreshes_were_both_accepted_and_refused(fuzz_record):
     assert fuzz_record.refreshes.get(True, 0) > 0 and fuzz_record.refreshes.get(False, 0) > 0, (
         fuzz_record.refreshes
     )
+
+
+def test_fuzz_presence_was_answered_refused_and_watched(fuzz_record):
+    assert fuzz_record.presence.get(True, 0) > 0 and fuzz_record.presence.get(False, 0) > 0, (
+        fuzz_record.presence
+    )
+    assert fuzz_record.presence_frames > 0, describe(fuzz_record)
 
 
 def test_fuzz_bridge_process_stays_up(fuzz_record):

@@ -229,6 +229,9 @@ async def test_make_run_hint_curl_line_streams_the_subjects_messages(key, nats_s
         await nc.flush()
         event = (await asyncio.wait_for(resp.content.readuntil(b"\n\n"), TIMEOUT)).decode()
     assert event.startswith("data: ") and json.loads(event[6:])["subject"] == subject, event
+def test_make_run_keeps_presence_on_demo_unless_presence_subjects_says_otherwise():
+    assert dev_run.effective_config([], {})[0].presence_subjects == ("demo.>",)
+    assert dev_run.effective_config([], {"PRESENCE_SUBJECTS": ""})[0].presence_subjects == ()
 
 
 def test_make_run_hints_say_when_nothing_can_be_followed():

@@ -126,6 +126,9 @@ def test_every_setting_has_an_env_var_and_flag_and_env_is_overridden_by_flag():
         ("CLIENT_QUEUE_OVERFLOW", "explode"),
         ("SUBJECT_DENY", "a..b"),
         ("LOG_FORMAT", "xml"),
+        ("PRESENCE_TTL", "1.5"),
+        ("PRESENCE_TTL", "2"),
+        ("PRESENCE_SUBJECTS", "room.{sub}x"),
     ],
 )
 def test_bad_setting_is_a_config_error_naming_the_setting(env, value):

@@ -128,6 +128,7 @@ HELP_SECTIONS = {
     "history (JetStream)": ["--max-history", "--create-stream"],
     "slow clients": ["--client-queue-messages", "--ping-interval"],
     "beyond one process": ["--workers", "--control-subject"],
+    "presence": ["--presence-subjects", "--presence-ttl", "--presence-max"],
     "logs": ["--log-level", "--log-format"],
 }
 

@@ -1,7 +1,7 @@
 """A fresh token on the open socket: same user, new expiry and permissions.
 
-Subscriptions the new token no longer allows are dropped and named in the
-reply; the others are filtered by the new token's denies.  Another user's
+Subscriptions the new token no longer allows are dropped (presence left too)
+and named in the reply; the others are filtered by the new token's denies.  Another user's
 token, or one that fails any check, is refused and the connection keeps its
 old expiry (a refresh never changes who a connection is).
 """
@@ -22,19 +22,22 @@ if TYPE_CHECKING:
     from bridge.hub.lifetime import TokenLifetime
     from bridge.hub.registry import Registry
     from bridge.hub.session import Session
+    from bridge.presence.room import Presence
 
 logger = logging.getLogger(__name__)
 
 
 class Refresher:
     def __init__(self, verifier: Callable[[], Verifier | None], policy: SubjectPolicy, registry: Registry,
-                 lifetime: TokenLifetime, stats: Stats) -> None:
+                 lifetime: TokenLifetime, stats: Stats, presence: Presence | None = None) -> None:
         # The current Verifier (None: no JWT); a callable, since a JWKS refresh swaps it.
         self._verifier = verifier
         self._policy = policy
         self._registry = registry
         self._lifetime = lifetime
         self._stats = stats
+        # Leaves presence on the subscriptions a refresh drops.
+        self._presence = presence
 
     async def refresh(self, session: Session, body: dict[str, Any], request_id: Any = None) -> dict[str, Any]:
         verifier = self._verifier()
@@ -63,6 +66,8 @@ class Refresher:
             else:
                 subscription.filters = session.perms.filters(pattern)
         await self._registry.remove(session, revoked)
+        if self._presence is not None:
+            await self._presence.unsubscribed(session, revoked)
         self._registry.reroute(session)
         self._stats.token_refreshes["ok"] += 1
         logger.info("connection %s: token refreshed, expires at %d%s", session.label, user.expires_at,

@@ -13,10 +13,15 @@ Each check names what it stops:
   templates (``user.{sub}.>``), and a ``sub`` of ``*``, ``>`` or ``a.b`` would
   widen them (template injection through a ``sub``).
 - ``exp`` is required: a token without one would never expire.
+- ``info``, when present, is an object of at most ``MAX_INFO_BYTES`` as JSON:
+  it is copied into every presence entry of the user's, read by every bridge
+  process and listed up to PRESENCE_MAX times in one answer, so a token must
+  not be able to make those unbounded.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +38,10 @@ EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512
 MIN_RSA_BITS = 2048
 # Far beyond any real token; refused before any parsing work.
 MAX_TOKEN_BYTES = 16 * 1024
+
+# The largest ``info`` claim a token may carry, as JSON.  It travels in every presence entry
+# of the user's, to every bridge process, and up to PRESENCE_MAX times in one answer.
+MAX_INFO_BYTES = 1024
 
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
 
@@ -110,6 +119,19 @@ def valid_sub(sub: Any) -> bool:
     )
 
 
+def info_error(info: Any) -> str | None:
+    """Why a token's ``info`` claim cannot be shown in presence entries, or None."""
+    if not isinstance(info, dict):
+        return "'info' must be an object"
+    try:
+        size = len(json.dumps(info, ensure_ascii=False, allow_nan=False).encode())
+    except (TypeError, ValueError, UnicodeEncodeError):
+        return "'info' must hold JSON values only"
+    if size > MAX_INFO_BYTES:
+        return f"'info' is {size} bytes as JSON; at most {MAX_INFO_BYTES} are allowed"
+    return None
+
+
 @dataclass(frozen=True)
 class Identity:
     """Who a verified token says the connection is."""
@@ -117,6 +139,8 @@ class Identity:
     sub: str
     expires_at: int
     claim: NatsClaim = field(default_factory=NatsClaim)
+    # The token's ``info`` claim (an object), shown as it is in the user's presence entries.
+    info: dict[str, Any] | None = field(default=None, hash=False)
 
 
 _DECODE_ERRORS: tuple[tuple[type[Exception], str, str], ...] = (
@@ -196,7 +220,10 @@ class Verifier:
             claim = parse_nats_claim(claims["nats"]) if "nats" in claims else NatsClaim()
         except ValueError as exc:
             raise TokenError("claims", f"the token's nats claim is malformed: {exc}") from None
-        return Identity(sub=claims["sub"], expires_at=int(claims["exp"]), claim=claim)
+        info = claims.get("info")
+        if info is not None and (error := info_error(info)):
+            raise TokenError("claims", f"the token's info claim is malformed: {error}")
+        return Identity(sub=claims["sub"], expires_at=int(claims["exp"]), claim=claim, info=info)
 
     def _decode(self, token: str, alg: str, keys: list[Any]) -> dict[str, Any]:
         options = {"require": ["exp", "sub"], "verify_aud": self._audience is not None,

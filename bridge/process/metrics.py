@@ -57,6 +57,8 @@ class BridgeCollector:
         yield labelled(CounterMetricFamily, "event_stream_resumes", "Event streams resumed from a "
                        "Last-Event-ID, by outcome.", "recovered",
                        {outcome: s.event_resumes[outcome] for outcome in ("true", "false")})
+        yield gauge("presence_entries", "Presence entries of this process's connections (one per "
+                    "connection and subject within PRESENCE_SUBJECTS).", len(m.presence.entries))
         yield counter("nats_reconnects", "Times the NATS link came back.", self._link.nats_reconnects)
         yield counter("nats_disconnects", "Times the NATS link was lost.", self._link.nats_disconnects)
 
