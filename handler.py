@@ -15,8 +15,8 @@ encoded once and the same bytes go to every subscriber's bounded outbox
 reply, then the live messages held back meanwhile, with no gap and no
 duplicate (hub/catchup.py).
 
-What else a client may ask (publish, refresh) lives in bridge/actions/; what
-a session is, in bridge/hub/session.py.
+What else a client may ask (publish, a NATS request, refresh) lives in
+bridge/actions/; what a session is, in bridge/hub/session.py.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from nats.errors import Error as NatsError
 
 from bridge.actions.publish import Publisher
 from bridge.actions.refresh import Refresher
+from bridge.actions.request import Requester
 from bridge.config import Limits
 from bridge.core.frames import (
     CLOSE_POLICY_VIOLATION,
@@ -48,7 +49,7 @@ from bridge.core.frames import (
     msg_subscribed,
     msg_unsubscribed,
     parse_object,
-    peek_id,
+    peek,
     reply,
     requested_subjects,
 )
@@ -96,6 +97,7 @@ class WSSManager:
         self.lifetime = TokenLifetime(stats, refresh_lead)
         self.publisher = Publisher(nats_client, policy, limits, stats)
         self.refresher = Refresher(verifier, policy, self.registry, self.lifetime, stats)
+        self.requester = Requester(nats_client, self.publisher, limits, stats)
         # Which of this host's worker processes we are (WORKERS), told to every client.
         self.worker = worker
         self._slots = asyncio.Semaphore(max_connections)
@@ -222,6 +224,7 @@ class WSSManager:
                 mine.discard(session)
                 if not mine:
                     del self.users[session.user.sub]
+        await self.requester.cancel(session)
         await self.registry.remove(session, list(session.subscriptions))
         await session.outbox.stop_writer()
 
@@ -243,8 +246,11 @@ class WSSManager:
             return
         if not session.take_frame():
             rate = self.limits.control_rate
-            session.send_json(reply(False, f"Rate limit: at most {rate:g} control frames per second",
-                                    peek_id(text)))
+            request_id, action = peek(text)
+            refusal = reply(False, f"Rate limit: at most {rate:g} control frames per second", request_id)
+            if action == "request":
+                refusal.update(self.requester.over_rate())
+            session.send_json(refusal)
             self._over_budget(session)
             return
         for frame in await self.handle_request(session, text):
@@ -295,7 +301,7 @@ class WSSManager:
             return await self.apply(session, body, request_id, trusted)
         except BadFrame as exc:
             self.stats.bad_frames[exc.kind] += 1
-            return [reply(False, exc.message, request_id)]
+            return [reply(False, exc.message, request_id, **exc.extra)]
 
     async def apply(self, session: Session, body: dict[str, Any], request_id: Any = None,
                     trusted: bool = False) -> list[dict[str, Any]]:
@@ -308,6 +314,9 @@ class WSSManager:
             return [await self.publisher.publish(session, body, request_id, trusted)]
         if action == "refresh" and not trusted:
             return [await self.refresher.refresh(session, body, request_id)]
+        if action == "request" and not trusted:
+            self.requester.start(session, body, request_id)  # answered when NATS answers
+            return []
         if action not in ("subscribe", "unsubscribe"):
             raise BadFrame("action", msg_bad_action(action))
         limits = self.limits

@@ -9,6 +9,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+# How a browser's NATS request ended: the ``result`` label of bridge_requests_total, and the
+# ``error`` of a failed request's reply (core/request.py names each).
+REQUEST_RESULTS = ("ok", "timeout", "no_responders", "not_allowed", "too_many_requests", "invalid")
+
 
 @dataclass
 class Stats:
@@ -25,6 +29,8 @@ class Stats:
     connections_opened: int = 0
     token_expiries: int = 0
     token_refreshes: Counter[str] = field(default_factory=Counter)
+    # Browsers' NATS requests by how they ended (core/request.py RESULTS).
+    requests: Counter[str] = field(default_factory=Counter)
     bad_frames: Counter[str] = field(default_factory=Counter)
 
 

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from bridge.core.stats import LinkStats
+from bridge.core.stats import REQUEST_RESULTS, LinkStats
 
 if TYPE_CHECKING:
     from handler import WSSManager
@@ -86,6 +86,16 @@ class BridgeCollector:
         for result in ("ok", "refused"):
             refreshes.add_metric([result], s.token_refreshes[result])
         yield refreshes
+
+        requests = CounterMetricFamily(
+            "bridge_requests", "Browsers' NATS requests, by how they ended (those whose connection closed "
+            "first are not counted).", labels=["result"]
+        )
+        for result in REQUEST_RESULTS:
+            requests.add_metric([result], s.requests[result])
+        yield requests
+        yield gauge("requests_in_flight", "Browsers' NATS requests waiting for their answers.",
+                    m.requester.in_flight)
 
         js = m.jetstream
         calls = CounterMetricFamily(
