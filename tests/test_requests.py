@@ -432,6 +432,25 @@ async def test_a_service_cannot_answer_another_request_by_guessing_its_reply_sub
     assert (replies["victim"]["success"], replies["victim"]["error"]) == (False, "timeout"), replies
 
 
+def inboxes_held(server: NatsServer, bridge: Bridge) -> list[str]:
+    connz = server.monitor("/connz?subs=1&limit=1000")
+    return [s for c in connz.get("connections") or [] if c.get("name", "").startswith(bridge.name)
+            for s in c.get("subscriptions_list") or [] if s.startswith("_INBOX.")]
+
+
+@pytest.mark.parametrize(("publish_allow", "held"), [(("svc.>",), 1), ((), 0)], ids=["publishing", "off"])
+async def test_the_reply_inbox_is_subscribed_at_start_only_when_publishing_is_on(
+    nats_server, bridge_factory, publish_allow, held
+):
+    # Before any request: a first answer cannot outrun the inbox's interest across a cluster.
+    # Publishing off: the bridge's NATS user need not be allowed _INBOX.> at all.
+    bridge = await bridge_factory(nats_url=nats_server.url, publish_allow=publish_allow)
+    if held:  # nats-server's monitor may show it a moment after the bridge's flush
+        await eventually(lambda: len(inboxes_held(nats_server, bridge)) == held)
+    inboxes = inboxes_held(nats_server, bridge)
+    assert len(inboxes) == held, inboxes
+
+
 # ---------------------------------------------------------------------------
 # Closing, and the metrics
 # ---------------------------------------------------------------------------

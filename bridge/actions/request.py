@@ -19,7 +19,7 @@ import asyncio
 import functools
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from nats.errors import Error as NatsError
@@ -42,6 +42,7 @@ from bridge.core.request import (
 from bridge.core.subjects import subject_error
 
 if TYPE_CHECKING:
+    from aiohttp import web
     from nats.aio.client import Client as NATS
     from nats.aio.msg import Msg
 
@@ -92,6 +93,11 @@ class ReplyInbox:
                     self._client, self._prefix = nc, prefix
         return self._prefix
 
+    async def flush(self) -> None:
+        """Wait until NATS has the subscription (a round trip)."""
+        if self._client is not None:
+            await self._client.flush(timeout=5)
+
     async def _on_answer(self, msg: Msg) -> None:
         waiter = self._waiting.get(msg.subject[len(self._prefix):])
         # A second answer, or one after the wait ended, finds nobody waiting: dropped.
@@ -132,6 +138,22 @@ class Requester:
         self._stats = stats
         # Requests waiting for their answers, over every connection (bridge_requests_in_flight).
         self.in_flight = 0
+
+    async def lifecycle(self, web_app: web.Application) -> AsyncIterator[None]:
+        """aiohttp cleanup context, after the NATS link: the reply inbox subscribed before any request.
+
+        So the first answer cannot outrun the inbox's interest across a NATS cluster.  Only when
+        publishing is on: otherwise no request is ever sent, and the bridge's NATS user need not
+        be allowed to subscribe to ``_INBOX.>``.
+        """
+        if self._publisher.enabled:
+            try:
+                await self.inbox.ready()
+                await self.inbox.flush()
+            except (NatsError, OSError, TimeoutError) as exc:
+                # The first request tries again; meanwhile the bridge serves everything else.
+                logger.warning("could not subscribe the request inbox yet: %r", exc)
+        yield
 
     def start(self, session: Session, body: dict[str, Any], request_id: Any = None) -> None:
         """Check a request and send it off in a task of its own; BadFrame (with its ``error``) if refused.
