@@ -1,6 +1,6 @@
 """Request/reply: browsers calling a NATS service through the bridge, beside nats-server's own WebSocket.
 
-    .venv/bin/python bench/requests.py            # 100 clients x 20 requests/s for 10 s each way,
+    .venv/bin/python bench/requests.py            # 100 clients x 20 requests/s, 3 rounds of 10 s each way,
                                                    # then the one-worker ceiling (a few minutes)
     .venv/bin/python bench/requests.py --smoke    # seconds-long, for CI
 
@@ -143,6 +143,7 @@ class Row:
     rate: float  # requests per second in all, as scheduled
     seconds: float
     workers: int = 1
+    round: int = 0
     sent: int = 0
     ok: int = 0
     errors: dict[str, int] = field(default_factory=dict)
@@ -152,6 +153,7 @@ class Row:
     p50_us: int | None = None
     p99_us: int | None = None
     max_us: int | None = None
+    hist: list[int] = field(default_factory=lambda: [0] * HIST_SIZE)
     server_cpu: float = 0.0  # the serving process (the bridge, or nats-server for nats)
     nats_cpu: float = 0.0  # nats-server behind the bridge
     responder_cpu: float = 0.0
@@ -192,7 +194,7 @@ def run_load(target: str, url: str, clients: int, per_client: float, seconds: fl
         row.responder_cpu = responder.cpu() - resp0
     finally:
         pool.close()
-    hist = [0] * HIST_SIZE
+    hist = row.hist
     for r in results:
         row.sent += r.sent
         row.ok += r.ok
@@ -208,6 +210,21 @@ def run_load(target: str, url: str, clients: int, per_client: float, seconds: fl
         row.notes.extend(r.protocol_errors[:2])
     row.p50_us, row.p99_us = percentile(hist, 0.50), percentile(hist, 0.99)
     return row
+
+
+def combined(rows: list[Row], label: str) -> Row:
+    """Several rounds of one target as one row: every request of every round."""
+    total = Row(label, rows[0].clients, rows[0].rate, sum(r.seconds for r in rows))
+    for r in rows:
+        for name in ("sent", "ok", "missing", "late_sends", "disconnected", "server_cpu", "nats_cpu",
+                     "responder_cpu", "loadgen_cpu", "window"):
+            setattr(total, name, getattr(total, name) + getattr(r, name))
+        for kind, n in r.errors.items():
+            total.errors[kind] = total.errors.get(kind, 0) + n
+        total.hist = [a + b for a, b in zip(total.hist, r.hist, strict=True)]
+        total.max_us = max(total.max_us or 0, r.max_us or 0)
+    total.p50_us, total.p99_us = percentile(total.hist, 0.50), percentile(total.hist, 0.99)
+    return total
 
 
 def bridge_env(workers: int) -> dict[str, str]:
@@ -282,7 +299,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", type=int, default=100)
     p.add_argument("--rate", type=float, default=20.0, help="requests per second per client (default 20)")
-    p.add_argument("--seconds", type=float, default=10.0, help="seconds per target (default 10)")
+    p.add_argument("--seconds", type=float, default=10.0, help="seconds per target and round (default 10)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds per target, taking turns (default 3)")
     p.add_argument("--grace", type=float, default=3.0,
                    help="seconds to wait for the last answers (default 3)")
     p.add_argument("--ceiling-start", type=float, default=2000, help="first total rate of the ceiling search")
@@ -295,13 +313,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.smoke:
-        args.clients, args.seconds, args.grace = 10, 1.0, 2.0
+        args.clients, args.seconds, args.grace, args.rounds = 10, 1.0, 2.0, 1
         args.ceiling_start, args.ceiling_max, args.ceiling_seconds, args.bisect = 400, 800, 1.0, 0
     if args.out is None:
         args.out = ROOT / "bench" / ("out/RESULTS-requests-smoke.md" if args.smoke else "RESULTS-requests.md")
     if args.clients < 1 or args.rate <= 0 or args.seconds <= 0:
         p.error("--clients, --rate and --seconds must be positive")
     return args
+
+
+def measure(args: argparse.Namespace, nats: NatsServer, responder: Responder, workdir: Path) -> list[Row]:
+    """Both targets, ``--rounds`` times each, taking turns (bridge first, then nats first, ...), so
+    that a busy spell of the machine falls on both alike."""
+    rounds: list[Row] = []
+    bridge = BridgeProcess(workdir, "rr", nats.url, [], bridge_env(1)).start()
+    try:
+        targets = [("bridge", bridge.ws_url, bridge.pid), ("nats", nats.ws_url, nats.pid)]
+        for n in range(args.rounds):
+            for target, url, serving in targets if n % 2 == 0 else targets[::-1]:
+                print(f"bench: round {n + 1}, {target}: {args.clients} clients x {args.rate:g}/s "
+                      f"for {args.seconds:g} s", flush=True)
+                row = run_load(target, url, args.clients, args.rate, args.seconds, serving, nats.pid,
+                               responder, args.grace)
+                row.round = n + 1
+                rounds.append(row)
+                print("  " + line(row), flush=True)
+    finally:
+        bridge.stop()
+    return rounds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,23 +350,13 @@ def main(argv: list[str] | None = None) -> int:
     t_start, load_before = time.monotonic(), os.getloadavg()
     (ROOT / "bench" / "out").mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="requests-", dir=ROOT / "bench" / "out"))
-    rows: dict[str, Row] = {}
+    rounds: list[Row] = []
     steps: list[Row] = []
     nats = NatsServer(workdir, "rr").start()
     responder: Responder | None = None
     try:
         responder = Responder(nats.url)
-        bridge = BridgeProcess(workdir, "rr", nats.url, [], bridge_env(1)).start()
-        try:
-            targets = (("bridge", bridge.ws_url, bridge.pid), ("nats", nats.ws_url, nats.pid))
-            for target, url, serving in targets:
-                print(f"bench: requests {target}, {args.clients} clients x {args.rate:g}/s "
-                      f"for {args.seconds:g} s", flush=True)
-                rows[target] = run_load(target, url, args.clients, args.rate, args.seconds, serving, nats.pid,
-                                        responder, args.grace)
-                print("  " + line(rows[target]), flush=True)
-        finally:
-            bridge.stop()
+        rounds = measure(args, nats, responder, workdir)
         if not args.no_ceiling:
             print("bench: the bridge's ceiling with one worker", flush=True)
             steps = ceiling(args, nats, responder, workdir)
@@ -338,34 +367,47 @@ def main(argv: list[str] | None = None) -> int:
         if responder is not None:
             responder.stop()
         nats.stop()
+    totals = {t: combined([r for r in rounds if r.target == t], t) for t in ("bridge", "nats")}
     best = max((s for s in steps if s.clean), key=lambda s: s.rate, default=None)
     command = " ".join([os.path.relpath(sys.executable), *sys.argv])
     text = "\n".join([
         *machine_lines(command, started, load_before, os.getloadavg(), time.monotonic() - t_start,
-                       "raw on asyncio"),
+                       f"raw on {'uvloop' if uvloop_installed() else 'asyncio'}"),
         "",
         HEADER,
-        *(line(r) for r in rows.values()),
+        *(line(r, f"{r.target} ({args.rounds} rounds)") for r in totals.values()),
         "",
-        verdict(rows),
+        verdict(totals),
         "",
         f"Ceiling, one worker: {best.rate:,.0f} requests/s answered with no error (p99 {ms(best.p99_us)} ms)"
         if best else "Ceiling, one worker: no rate passed" if steps else "Ceiling: not searched",
         "",
-        *([HEADER.replace("| Target |", "| Step |"), *(line(s, f"bridge @{s.rate:,.0f}/s") for s in steps)]
-          if steps else []),
+        "Each round:",
         "",
+        HEADER.replace("| Target |", "| Round |"),
+        *(line(r, f"{r.round}: {r.target}") for r in rounds),
+        "",
+        *(["Ceiling steps:", "", HEADER.replace("| Target |", "| Step |"),
+           *(line(s, f"bridge @{s.rate:,.0f}/s") for s in steps), ""] if steps else []),
     ])
     print()
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(f"bench: wrote {args.out}")
-    if not all(r.ok for r in rows.values()):
+    if not all(r.ok for r in totals.values()):
         print(f"bench: some target answered nothing; logs kept in {workdir}", file=sys.stderr)
         return 1
     shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+def uvloop_installed() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 if __name__ == "__main__":

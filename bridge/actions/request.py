@@ -155,21 +155,19 @@ class Requester:
                 logger.warning("could not subscribe the request inbox yet: %r", exc)
         yield
 
-    def start(self, session: Session, body: dict[str, Any], request_id: Any = None) -> None:
+    def start(self, session: Session, body: dict[str, Any], request_id: Any = None) -> list[dict[str, Any]]:
         """Check a request and send it off in a task of its own; BadFrame (with its ``error``) if refused.
 
-        Nothing here awaits: the connection reads its next frame at once, and
-        the answer comes as a reply frame whenever NATS gives it.
+        Nothing here awaits, and nothing is answered yet (an empty list of
+        replies): the connection reads its next frame at once, and the answer
+        comes as a reply frame whenever NATS gives it.
         """
         limits = self._limits
-        subject = body.get("subject")
-        named = (subject if isinstance(subject, str)
-                 and not subject_error(subject, limits.max_subject_length, wildcards=False) else None)
         try:
             # A request is a publish: the same policy, subject rules and payload bound.
             subject, payload = self._publisher.check(session, body, trusted=False)
         except BadFrame as exc:
-            raise self._counted(refused(exc.kind, exc.message, named)) from None
+            raise self._counted(refused(exc.kind, exc.message, self._named(body))) from None
         try:
             headers = parse_headers(body.get("headers"), subject)
             timeout = parse_timeout(body.get("timeout"), limits.request_timeout, subject)
@@ -185,6 +183,15 @@ class Requester:
         self.in_flight += 1
         session.requests.add(task)
         task.add_done_callback(functools.partial(self._done, session))
+        return []
+
+    def _named(self, body: dict[str, Any]) -> str | None:
+        """The request's subject, for its refusal to name, if it is a valid concrete subject."""
+        subject = body.get("subject")
+        if isinstance(subject, str) and not subject_error(subject, self._limits.max_subject_length,
+                                                          wildcards=False):
+            return subject
+        return None
 
     def _counted(self, refusal: BadFrame) -> BadFrame:
         self._stats.requests[refusal.extra["error"]] += 1

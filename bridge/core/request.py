@@ -48,8 +48,8 @@ def refused(kind: str, message: str, subject: str | None = None) -> BadFrame:
     """A request refused before NATS sees it: the error reply names the action and why, in a word.
 
     ``kind`` is the bad-frame kind: ``policy`` (the subject policy, or publishing
-    off) is ``not_allowed``, ``limit`` on requests in flight ``too_many_requests``,
-    anything else ``invalid``.
+    off) is ``not_allowed``, ``pending`` (MAX_PENDING_REQUESTS in flight)
+    ``too_many_requests``, anything else ``invalid``.
     """
     extra: dict[str, Any] = {"action": ACTION, "error": error_of(kind)}
     if subject is not None:
