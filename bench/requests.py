@@ -370,12 +370,13 @@ def main(argv: list[str] | None = None) -> int:
     totals = {t: combined([r for r in rounds if r.target == t], t) for t in ("bridge", "nats")}
     best = max((s for s in steps if s.clean), key=lambda s: s.rate, default=None)
     command = " ".join([os.path.relpath(sys.executable), *sys.argv])
+    rounds_said = f"{args.rounds} round" + ("s" if args.rounds != 1 else "")
     text = "\n".join([
         *machine_lines(command, started, load_before, os.getloadavg(), time.monotonic() - t_start,
                        f"raw on {'uvloop' if uvloop_installed() else 'asyncio'}"),
         "",
         HEADER,
-        *(line(r, f"{r.target} ({args.rounds} rounds)") for r in totals.values()),
+        *(line(r, f"{r.target} ({rounds_said})") for r in totals.values()),
         "",
         verdict(totals),
         "",
