@@ -315,7 +315,7 @@ class WSSManager:
         if action == "refresh" and not trusted:
             return [await self.refresher.refresh(session, body, request_id)]
         if action == "request" and not trusted:
-            return self.requester.start(session, body, request_id)  # nothing yet: answered when NATS answers
+            return await self.requester.start(session, body, request_id)  # answered when NATS answers
         if action not in ("subscribe", "unsubscribe"):
             raise BadFrame("action", msg_bad_action(action))
         limits = self.limits

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from bridge.core.budget import ControlBudget
 
 if TYPE_CHECKING:
+    from bridge.actions.request import Call
     from bridge.core.permissions import Permissions
     from bridge.core.tokens import Identity
     from bridge.hub.outbox import Outbox
@@ -59,8 +60,8 @@ class Session:
         self.plans: list[Plan] = []
         # The token's expiry warning and deadline (hub/lifetime.py arms them).
         self.expiry: list[asyncio.TimerHandle] = []
-        # Its NATS requests waiting for their answers, each a task (actions/request.py).
-        self.requests: set[asyncio.Task[None]] = set()
+        # Its NATS requests waiting for their answers (actions/request.py).
+        self.requests: set[Call] = set()
         self.opened = time.monotonic()
         self.budget = ControlBudget(rate, strikes, self.opened)
         # Set by the manager once the WebSocket is prepared.
