@@ -224,7 +224,7 @@ class WSSManager:
                 mine.discard(session)
                 if not mine:
                     del self.users[session.user.sub]
-        await self.requester.cancel(session)
+        self.requester.cancel(session)
         await self.registry.remove(session, list(session.subscriptions))
         await session.outbox.stop_writer()
 

@@ -253,7 +253,7 @@ class Requester:
             TIMEOUT, f"No answer from {call.subject} within {call.timeout:g} s (timeout)", call.request_id,
             call.subject))
 
-    async def cancel(self, session: Session) -> None:
+    def cancel(self, session: Session) -> None:
         """The connection is ending: its calls end now, unanswered; nothing is left waiting."""
         for call in list(session.requests):
             self._end(call)
