@@ -155,6 +155,7 @@ class Row:
     max_us: int | None = None
     hist: list[int] = field(default_factory=lambda: [0] * HIST_SIZE)
     server_cpu: float = 0.0  # the serving process (the bridge, or nats-server for nats)
+    server_sys: float = 0.0  # the kernel's part of it
     nats_cpu: float = 0.0  # nats-server behind the bridge
     responder_cpu: float = 0.0
     loadgen_cpu: float = 0.0
@@ -190,6 +191,7 @@ def run_load(target: str, url: str, clients: int, per_client: float, seconds: fl
         row.window = time.monotonic() - t0
         user1, sys1 = tree_cpu_split(serving)
         row.server_cpu = user1 + sys1 - user0 - sys0
+        row.server_sys = sys1 - sys0
         row.nats_cpu = proc_cpu(nats_pid) - nats0 if serving != nats_pid else 0.0
         row.responder_cpu = responder.cpu() - resp0
     finally:
@@ -216,8 +218,8 @@ def combined(rows: list[Row], label: str) -> Row:
     """Several rounds of one target as one row: every request of every round."""
     total = Row(label, rows[0].clients, rows[0].rate, sum(r.seconds for r in rows))
     for r in rows:
-        for name in ("sent", "ok", "missing", "late_sends", "disconnected", "server_cpu", "nats_cpu",
-                     "responder_cpu", "loadgen_cpu", "window"):
+        for name in ("sent", "ok", "missing", "late_sends", "disconnected", "server_cpu", "server_sys",
+                     "nats_cpu", "responder_cpu", "loadgen_cpu", "window"):
             setattr(total, name, getattr(total, name) + getattr(r, name))
         for kind, n in r.errors.items():
             total.errors[kind] = total.errors.get(kind, 0) + n
@@ -273,6 +275,8 @@ def line(row: Row, label: str | None = None) -> str:
     per = row.server_cpu / row.ok * 1e6 if row.ok else 0.0
     extra = f"; nats-server {row.nats_cpu / row.ok * 1e6:.0f}" if row.nats_cpu and row.ok else ""
     notes = list(row.notes)
+    if row.server_cpu > 0:
+        notes.append(f"{row.server_sys / row.server_cpu:.0%} of its CPU in the kernel")
     if row.late_sends:
         notes.append(f"{row.late_sends:,} sends over 5 ms late (the load generator lagging)")
     return (f"| {label or row.target} | {row.clients:,} | {row.rate:,.0f} | {answered} | {failed} "
