@@ -41,10 +41,12 @@ COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 
 # The code (main.py and handler.py, the bridge package) and the page, owned by
-# root and read-only to the service user.
+# root and read-only to the service user; and the demo service the compose files run
+# from this image (`python services/demo_service.py`), a few lines of Panini.
 COPY main.py handler.py ./
 COPY bridge/ ./bridge/
 COPY static/ ./static/
+COPY services/ ./services/
 
 USER 10001:10001
 

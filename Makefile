@@ -11,7 +11,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements-dev.txt
 	touch $@
 
-## run: the bridge on :5001 with live test messages (starts nats-server if needed)
+## run: the bridge on :5001 with live test messages and the demo service (starts nats-server if needed)
 run: $(STAMP)
 	$(BIN)/python scripts/dev_run.py $(ARGS)
 

@@ -15,10 +15,11 @@ encoded once and the same bytes go to every subscriber's bounded outbox
 reply, then the live messages held back meanwhile, with no gap and no
 duplicate (hub/catchup.py).
 
-What else a client may ask (publish, refresh) lives in bridge/actions/; what
-a session is, in bridge/hub/session.py.  Who is here (presence) follows the
-subscriptions through hooks into bridge/presence/room.py: a check before a
-subscribe, then after it, after an unsubscribe (a refresh's too) and at the end.
+What else a client may ask (publish, a NATS request, refresh) lives in
+bridge/actions/; what a session is, in bridge/hub/session.py.  Who is here
+(presence) follows the subscriptions through hooks into
+bridge/presence/room.py: a check before a subscribe, then after it, after an
+unsubscribe (a refresh's too) and at the end.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from nats.errors import Error as NatsError
 
 from bridge.actions.publish import Publisher
 from bridge.actions.refresh import Refresher
+from bridge.actions.request import Requester
 from bridge.config import Limits
 from bridge.core.frames import (
     CLOSE_POLICY_VIOLATION,
@@ -49,7 +51,7 @@ from bridge.core.frames import (
     msg_subscribed,
     msg_unsubscribed,
     parse_object,
-    peek_id,
+    peek,
     reply,
     requested_subjects,
 )
@@ -101,6 +103,7 @@ class WSSManager:
         self.publisher = Publisher(nats_client, policy, limits, stats)
         self.presence = presence(nats_client, self.jetstream)
         self.refresher = Refresher(verifier, policy, self.registry, self.lifetime, stats, self.presence)
+        self.requester = Requester(nats_client, self.publisher, limits, stats)
         self.admission = Admission(max_connections, max_connections_per_user)
         # Which of this host's worker processes we are (WORKERS), told to every client.
         self.worker = worker
@@ -202,6 +205,7 @@ class WSSManager:
                 mine.discard(session)
                 if not mine:
                     del self.users[session.user.sub]
+        self.requester.cancel(session)
         self.presence.unregistered(session)
         await self.registry.remove(session, list(session.subscriptions))
         await session.outbox.stop_writer()
@@ -222,8 +226,11 @@ class WSSManager:
             return
         if not session.take_frame():
             rate = self.limits.control_rate
-            session.send_json(reply(False, f"Rate limit: at most {rate:g} control frames per second",
-                                    peek_id(text)))
+            request_id, action = peek(text)
+            refusal = reply(False, f"Rate limit: at most {rate:g} control frames per second", request_id)
+            if action == "request":
+                refusal.update(self.requester.over_rate())
+            session.send_json(refusal)
             self._over_budget(session)
             return
         for frame in await self.handle_request(session, text):
@@ -274,7 +281,7 @@ class WSSManager:
             return await self.apply(session, body, request_id, trusted)
         except BadFrame as exc:
             self.stats.bad_frames[exc.kind] += 1
-            return [reply(False, exc.message, request_id)]
+            return [reply(False, exc.message, request_id, **exc.extra)]
 
     async def apply(self, session: Session, body: dict[str, Any], request_id: Any = None,
                     trusted: bool = False) -> list[dict[str, Any]]:
@@ -289,6 +296,8 @@ class WSSManager:
             return [await self.refresher.refresh(session, body, request_id)]
         if action == "presence":
             return [self.presence.answer(session, body, request_id, trusted)]
+        if action == "request" and not trusted:
+            return await self.requester.start(session, body, request_id)  # answered when NATS answers
         if action not in ("subscribe", "unsubscribe"):
             raise BadFrame("action", msg_bad_action(action))
         limits = self.limits

@@ -114,6 +114,7 @@ def create_app(config: Config, worker: Worker = workers.LONE) -> panini_app.App:
         web_app.cleanup_ctx.append(partial(demo.demo_stream, jetstream=manager.jetstream))
     web_app.cleanup_ctx.append(plane.lifecycle)
     web_app.cleanup_ctx.append(manager.presence.lifecycle)  # its lease removed before NATS goes
+    web_app.cleanup_ctx.append(manager.requester.lifecycle)  # browsers' NATS requests: the reply inbox
     web_app.cleanup_ctx.append(siblings.private_site)
     web_app.cleanup_ctx.append(panini_tasks)
     web_app.on_shutdown.append(plane.leave)  # peers stop waiting for us first

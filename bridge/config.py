@@ -58,6 +58,8 @@ class Limits:
     max_stored_subjects: int = 20
     max_stored_subjects_per_user: int = 100
     max_jetstream_consumers: int = 500
+    request_timeout: float = 10.0
+    max_pending_requests: int = 16
 
 
 class ConfigError(ValueError):
@@ -474,6 +476,18 @@ class Config:
         64 * 1024, "MAX_PUBLISH_BYTES", _count, "largest payload a client may publish",
         group=GROUP_WHAT,
     )
+    request_timeout: float = opt(
+        10.0, "REQUEST_TIMEOUT", _positive_seconds,
+        "seconds a client's NATS request waits for its answer by default, and at most (a request may "
+        "ask for less); then it is answered timeout",
+        group=GROUP_WHAT,
+    )
+    max_pending_requests: int = opt(
+        16, "MAX_PENDING_REQUESTS", _count,
+        "NATS requests one client may have waiting for their answers at once; more are answered "
+        "too_many_requests",
+        group=GROUP_WHAT,
+    )
     max_subscriptions: int = opt(
         100, "MAX_SUBSCRIPTIONS", _count, "subjects one client may follow at once",
         group=GROUP_WHAT,
@@ -646,6 +660,8 @@ class Config:
             max_stored_subjects=self.max_stored_subjects,
             max_stored_subjects_per_user=self.max_stored_subjects_per_user,
             max_jetstream_consumers=self.max_jetstream_consumers,
+            request_timeout=self.request_timeout,
+            max_pending_requests=self.max_pending_requests,
         )
 
     @property

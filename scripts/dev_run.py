@@ -10,8 +10,11 @@ goes to .run/nats-server.log.  Publishing from the page is on for `demo.>`
 a small stream DEMO stores test.subject and demo.> (unless CREATE_STREAM
 says otherwise), so history works too, and presence is kept on demo.> (unless
 PRESENCE_SUBJECTS says otherwise), so the page shows who is on demo.room;
-`python main.py` alone does none of these.  Ctrl-C (or SIGTERM) stops both.
-Extra arguments go to main.py.
+`python main.py` alone does none of these.  The demo service
+(services/demo_service.py, a Panini microservice) answers svc.echo and
+svc.time, which PUBLISH_ALLOW's default also lets the page call (its Request
+button); its output goes to .run/demo-service.log.  Ctrl-C (or SIGTERM) stops
+them all.  Extra arguments go to main.py.
 """
 
 from __future__ import annotations
@@ -38,8 +41,13 @@ from bridge.core.subjects import subject_matches  # noqa: E402
 
 RUN_DIR = ROOT / ".run"
 NATS_LOG = RUN_DIR / "nats-server.log"
+SERVICE_LOG = RUN_DIR / "demo-service.log"
+DEMO_SERVICE = ROOT / "services" / "demo_service.py"
+# What the demo service answers (services/demo_service.py): outside demo.>, which DEMO stores
+# (JetStream would acknowledge a request there before the service could answer it).
+DEMO_CALLS = ("svc.echo", "svc.time")
 NATS_HOST, NATS_PORT, NATS_MONITOR_PORT = "127.0.0.1", 4222, 8222
-DEMO_PUBLISH = "demo.>"
+DEMO_PUBLISH = ",".join(("demo.>", *DEMO_CALLS))
 DEMO_STREAM = "DEMO:test.subject,demo.>"
 DEMO_PRESENCE = "demo.>"
 # The user the hints mint a token for when JWT is on ({sub} in SUBJECT_ALLOW/PUBLISH_ALLOW becomes this).
@@ -80,6 +88,27 @@ def start_nats() -> subprocess.Popen[bytes]:
             sys.exit(f"make run: nats-server did not start; see {NATS_LOG}")
         time.sleep(0.1)
     return proc
+
+
+def start_demo_service(nats_url: str) -> subprocess.Popen[bytes]:
+    """services/demo_service.py on ``nats_url``, in its own session (Ctrl-C reaches the bridge
+    only; we stop the service after it), its output to .run/demo-service.log."""
+    RUN_DIR.mkdir(exist_ok=True)
+    say(f"starting the demo service (svc.echo, svc.time); its output goes to {SERVICE_LOG.relative_to(ROOT)}")
+    return subprocess.Popen([sys.executable, str(DEMO_SERVICE)], cwd=ROOT,
+                            env={**os.environ, "NATS_URL": nats_url}, stdout=SERVICE_LOG.open("wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 def wait_ready(bridge: subprocess.Popen[bytes], url: str, timeout: float) -> bool:
@@ -174,7 +203,7 @@ def hints(config: Config, url: str, python: str) -> list[str]:
         publish = shlex.join([python, "scripts/publish.py", subject, DEMO_DATA])
         lines.append(f"publish a message of your own (subscribe to {pattern} to see it): {publish}")
     publishable = [s for s in ["demo.hello", *map(_concrete, expand(config.publish_allow, user))]
-                   if perms.publish_refusal(s) is None]
+                   if perms.publish_refusal(s) is None and s not in DEMO_CALLS]
     allow = f"PUBLISH_ALLOW={','.join(config.publish_allow)}"
     if publishable:
         lines.append(f"the page's Publish box may publish to {publishable[0]} ({allow})")
@@ -182,6 +211,14 @@ def hints(config: Config, url: str, python: str) -> list[str]:
         why = (f"{allow} allows no subject that SUBJECT_DENY and the protected subjects leave open"
                if config.publish_allow else "PUBLISH_ALLOW is empty")
         lines.append(f"publishing from the page is off: {why}")
+    # A request is a publish: the same permission decides whether the page may call the service.
+    callable_ = [s for s in DEMO_CALLS if perms.publish_refusal(s) is None]
+    if callable_:
+        lines.append(f"the page's Request button may call the demo service on {' and '.join(callable_)} "
+                     f"({allow})")
+    else:
+        why = f"{allow} does not allow them" if config.publish_allow else "PUBLISH_ALLOW is empty"
+        lines.append(f"the page may not call the demo service ({', '.join(DEMO_CALLS)}): {why}")
     return lines
 
 
@@ -199,24 +236,25 @@ def main() -> int:
         say(f"using the NATS server already on {NATS_HOST}:{NATS_PORT}")
     else:
         nats = start_nats()
-    # SIGTERM to us becomes a clean stop of both children.
+    # SIGTERM to us becomes a clean stop of every child.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    service = start_demo_service(config.nats_url)
     bridge = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT, env=env)
     try:
         url = page_url(config.http_host, config.http_port)
         if wait_ready(bridge, f"http://127.0.0.1:{config.http_port}/", config.nats_connect_timeout + 5):
             for line in hints(config, url, os.path.relpath(sys.executable, Path.cwd())):
                 say(line)
-            say("Ctrl-C stops the bridge" + (" and nats-server" if nats else ""))
+            others = ", the demo service and nats-server" if nats else " and the demo service"
+            say(f"Ctrl-C stops the bridge{others}")
         return bridge.wait()
     except KeyboardInterrupt:
         # The terminal sent SIGINT to the whole group; make sure the bridge got one.
         bridge.send_signal(signal.SIGINT)
         return bridge.wait(timeout=30)
     finally:
-        if nats is not None:
-            nats.terminate()
-            nats.wait(timeout=10)
+        stop(service)
+        stop(nats)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,10 @@ const ui = {
   publishData: $("publish-data"),
   publishKind: $("publish-kind"),
   publishStatus: $("publish-status"),
+  request: $("request"),
+  requestAnswer: $("request-answer"),
+  requestAnswerHead: $("request-answer-head"),
+  requestAnswerData: $("request-answer-data"),
   subjectForm: $("subject-form"),
   subject: $("subject"),
   unsubscribe: $("unsubscribe"),
@@ -695,6 +699,49 @@ function publishFromForm() {
     (err) => setStatus(ui.publishStatus, false, err.message),
   );
 }
+
+// Request: the same subject and data as a NATS request; the service's answer is shown under
+// the box, as text, with the time it took; a failure is said in words beside it.
+const ANSWER_MAX_CHARS = 32 * 1024; // laid out (and shown) up to this; longer answers are cut
+
+function answerText(answer) {
+  if (answer.encoding === "base64") return { text: String(answer.data), kind: "bytes, as base64" };
+  if (answer.encoding === "text") return { text: String(answer.data), kind: "text" };
+  const json = answer.dataJson;
+  // The JSON's own text, laid out (digits exactly as the service wrote them).
+  return { text: json.length <= ANSWER_MAX_CHARS ? layoutJson(json, { highlight: false }).text : json, kind: "JSON" };
+}
+
+function requestFromForm() {
+  const subject = ui.publishSubject.value.trim();
+  if (!subject) {
+    setStatus(ui.publishStatus, false, "Type the subject of the service to call.");
+    ui.publishSubject.focus();
+    return;
+  }
+  if (client.state !== "connected") {
+    setStatus(ui.publishStatus, false, "Not sent: not connected.");
+    return;
+  }
+  const { data, json } = publishData();
+  setStatus(ui.publishStatus, true, `Calling ${subject}…`);
+  ui.requestAnswer.hidden = true;
+  const started = performance.now();
+  client.request(subject, data, { json }).then(
+    (answer) => {
+      const ms = performance.now() - started;
+      const { text, kind } = answerText(answer);
+      const headers = Object.entries(answer.headers ?? {}).map(([k, v]) => `${k}: ${v}`).join(", ");
+      setStatus(ui.publishStatus, true, `Answered in ${ms < 10 ? ms.toFixed(1) : Math.round(ms)} ms`);
+      ui.requestAnswerHead.textContent = `Answer from ${subject} (${kind})` + (headers ? `; headers ${headers}` : "");
+      ui.requestAnswerData.textContent = clip(text, ANSWER_MAX_CHARS);
+      ui.requestAnswer.hidden = false;
+    },
+    (err) => setStatus(ui.publishStatus, false, err.message),
+  );
+}
+
+ui.request.addEventListener("click", requestFromForm);
 
 ui.publishForm.addEventListener("submit", (event) => {
   event.preventDefault();

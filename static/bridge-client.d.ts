@@ -6,8 +6,10 @@ export interface Reply {
   message: string;
   type: "reply";
   id?: string | number | boolean;
-  action?: "subscribe" | "unsubscribe" | "publish" | "refresh" | "presence";
+  action?: "subscribe" | "unsubscribe" | "publish" | "request" | "refresh" | "presence";
   subjects?: string[];
+  /** On a failed request: why, in a word. */
+  error?: RequestErrorCode;
   /** "http" when a backend made the request through POST /clients/{connection_id}. */
   source?: "http";
   [member: string]: unknown;
@@ -58,6 +60,43 @@ export interface PresenceEvent {
 /** An Error whose message is the bridge's reply message. */
 export interface ReplyError extends Error {
   reply?: Reply;
+}
+
+/** Why a request failed: the bridge's `error`, or "disconnected" when the socket dropped (or was
+ * not open) before the answer: then the request is never sent again (it is not idempotent). */
+export type RequestErrorCode =
+  | "no_responders" | "timeout" | "not_allowed" | "too_many_requests" | "invalid" | "disconnected";
+
+/** The Error a request rejects with. */
+export interface RequestError extends Error {
+  code: RequestErrorCode;
+  /** The bridge's reply, unless no reply came ("disconnected"). */
+  reply?: Reply;
+}
+
+export interface RequestOptions {
+  /** Seconds to wait for the answer (the bridge's REQUEST_TIMEOUT when absent, and at most). */
+  timeout?: number;
+  /** NATS headers: name -> value, or values (one header line each).  Not Nats-*, Status or
+   * Description (refused: "invalid"). */
+  headers?: Record<string, string | string[]>;
+  /** "base64": `data` is base64 of bytes; "text": `data` is a string of text. */
+  encoding?: "text" | "base64";
+  /** `data` is JSON text, sent verbatim (big numbers exact). */
+  json?: boolean;
+}
+
+/** A service's answer to a request, carried as a message carries a payload. */
+export interface RequestAnswer {
+  /** JSON.parse's value for a JSON answer; the text ("text"), or base64 ("base64"). */
+  data: unknown;
+  /** The answer's JSON text exactly as the service sent it (digits, spelling, key order). */
+  readonly dataJson: string;
+  encoding?: "text" | "base64";
+  /** The answer's NATS headers, if it had any. */
+  headers?: Record<string, string>;
+  /** The reply frame as received. */
+  reply: Reply;
 }
 
 export type ConnectionState = "connecting" | "connected" | "disconnected";
@@ -235,7 +274,11 @@ export declare class BridgeClient {
   unsubscribe(subjects: string | readonly string[]): Promise<Reply[]>;
   /** A string goes as text, bytes as base64, other values as JSON; with {json: true} `data` is
    * JSON text sent verbatim.  Resolves with the reply; rejects with a ReplyError. */
-  publish(subject: string, data: unknown, options?: { json?: boolean; encoding?: "base64" }): Promise<Reply>;
+  publish(subject: string, data: unknown, options?: { json?: boolean; encoding?: "text" | "base64" }): Promise<Reply>;
+  /** Call a NATS service on `subject` (where PUBLISH_ALLOW lets this client publish): `data` as
+   * for publish (default "": an empty payload).  Resolves with the answer; rejects with a
+   * RequestError whose `code` says why.  Answers come as they arrive, whatever the order sent. */
+  request(subject: string, data?: unknown, options?: RequestOptions): Promise<RequestAnswer>;
   /** Who is on `subject` (exact, within PRESENCE_SUBJECTS, one this client may subscribe to;
    * no subscription needed), over every bridge process.  Rejects with a ReplyError (where
    * presence is not kept, not allowed) or when the connection drops first (never re-sent). */

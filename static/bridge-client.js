@@ -16,6 +16,8 @@ const LATER = new Set([1008, 1013]);
 const TOKEN_EXPIRED = 4001; // the token ran out: a fresh one from getToken, then reconnect
 const KICKED = 4003; // a backend closed this connection: no reconnecting until connect()
 const LOST = "No reply: the connection closed";
+// A request is not idempotent: once sent, the service may have acted, so it is never re-sent.
+const UNANSWERED = "No answer: the connection closed before it came; not sent again (the service may have acted)";
 const NEEDS_SUBJECTS = "a subject or a non-empty array of subjects is needed";
 const EXPIRED = "the token expired and there is no getToken to get another: setToken, then connect()";
 // What a bridge answers, before the upgrade, to a handshake it refuses (docs/protocol.md).
@@ -156,6 +158,25 @@ function replyError(frame) {
 }
 
 const lostError = (tooLarge) => new Error(tooLarge ? `${LOST} (a request was too large); not sent again` : LOST);
+
+// A NATS request's failure: `code` is the reply's `error` (or "disconnected": no answer came).
+function requestError(message, code, reply = undefined) {
+  const err = new Error(message);
+  err.code = code;
+  if (reply) err.reply = reply;
+  return err;
+}
+
+// A NATS request's answer: the payload as a message carries it, dataJson its exact JSON text.
+function answerOf(frame, text) {
+  let json;
+  return {
+    data: frame.data, encoding: frame.encoding, headers: frame.headers, reply: frame,
+    get dataJson() {
+      return (json ??= memberText(text, "data") ?? JSON.stringify(frame.data) ?? "null");
+    },
+  };
+}
 
 export class Subscription extends Emitter {
   constructor(client, subjects, options) {
@@ -315,6 +336,28 @@ export class BridgeClient extends Emitter {
     const id = this._newId();
     const text = JSON.stringify({ action: "presence", subject, id });
     return new Promise((resolve, reject) => this._enqueue({ kind: "presence", text, id, resolve, reject }));
+  }
+
+  // A NATS request: resolves with the service's answer, rejects with an Error whose `code` is
+  // the bridge's `error`, or "disconnected" if no answer can come (never sent again).
+  request(subject, data = "", options = {}) {
+    if (!this._welcomed) return Promise.reject(requestError("Not sent: not connected to the bridge", "disconnected"));
+    const id = this._newId();
+    const body = { action: "request", subject, id };
+    for (const name of ["encoding", "headers", "timeout"]) if (options[name] !== undefined) body[name] = options[name];
+    let text;
+    try {
+      if (options.json) {
+        const json = String(data).trim();
+        JSON.parse(json); // sent verbatim, so it must be JSON
+        text = `${JSON.stringify(body).slice(0, -1)},"data":${json}}`;
+      } else {
+        text = JSON.stringify({ ...body, data });
+      }
+    } catch (err) {
+      return Promise.reject(requestError(err.message, "invalid"));
+    }
+    return new Promise((resolve, reject) => this._enqueue({ kind: "request", text, id, resolve, reject }));
   }
 
   send(request) {
@@ -499,7 +542,7 @@ export class BridgeClient extends Emitter {
     if (type === undefined) {
       if (typeof frame.subject === "string") this._onMessage(frame, text);
     } else if (type === "reply") {
-      this._onReply(frame);
+      this._onReply(frame, text);
     } else if (type === "welcome") {
       this.connectionId = frame.connection_id;
       this.nats = frame.nats;
@@ -579,13 +622,13 @@ export class BridgeClient extends Emitter {
     }
   }
 
-  _onReply(frame) {
+  _onReply(frame, text) {
     let key = null;
     let queue = this._anon;
     if (frame.source === "http") queue = null;
     else if (frame.id != null) queue = this._byId.get((key = JSON.stringify(frame.id)));
     const req = queue?.[0];
-    if (req && this._apply(req, frame)) {
+    if (req && this._apply(req, frame, text)) {
       queue.shift();
       if (key !== null && !queue.length) this._byId.delete(key);
     }
@@ -594,10 +637,13 @@ export class BridgeClient extends Emitter {
   }
 
   // True when `req` expects no more replies.
-  _apply(req, frame) {
+  _apply(req, frame, text) {
     req.replies.push(frame);
     if (req.kind === "subscribe") {
       this._onSubscribed(req, frame);
+    } else if (req.kind === "request") {
+      if (frame.success === true) req.resolve(answerOf(frame, text));
+      else req.reject(requestError(String(frame.message ?? "The bridge refused the request"), frame.error ?? "invalid", frame));
     } else if (req.kind === "publish" || req.kind === "refresh" || req.kind === "presence") {
       if (req.kind === "presence") frame.order = this._presenceOrder || 0;
       if (frame.success === true) req.resolve(frame);
@@ -822,6 +868,7 @@ export class BridgeClient extends Emitter {
 
   // In flight when the connection closed.
   _abandon(req, tooLarge) {
+    if (req.kind === "request") return req.reject(requestError(UNANSWERED, "disconnected"));
     if (req.kind !== "subscribe") return req.kind === "unsubscribe" ? req.resolve(req.replies) : req.reject(lostError(tooLarge));
     for (const sub of req.subs) {
       sub._waiting = 0;

@@ -48,3 +48,25 @@ def test_bench_smoke_runs_and_prints_a_table(tmp_path: Path) -> None:
     text = out.read_text()
     assert "nproc" in text and "--smoke" in text, text
     assert "| Workload |" in text, text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TIMEOUT + 15)
+def test_bench_requests_smoke_runs_and_prints_a_table(tmp_path: Path) -> None:
+    """bench/requests.py --smoke: request/reply through the bridge and through nats-server, and a ceiling."""
+    out = tmp_path / "RESULTS-requests.md"
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "requests.py"), "--smoke", "--out", str(out)],
+            cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"bench/requests.py --smoke did not finish in {TIMEOUT}s:\n{exc.stdout}\n{exc.stderr}")
+    report = f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+    assert proc.returncode == 0, report
+    text = out.read_text()
+    totals = re.findall(r"^\| (bridge|nats) \(1 round\) \| \d+ \| [\d,]+ \| ([\d,]+) / ([\d,]+) \|", text,
+                        re.M)
+    assert {t for t, _, _ in totals} == {"bridge", "nats"}, report
+    assert all(int(ok.replace(",", "")) > 0 for _, ok, _ in totals), report
+    assert "Ceiling, one worker:" in text and "nproc" in text, report

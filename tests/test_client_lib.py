@@ -242,6 +242,98 @@ async def test_publish_rejects_where_the_bridge_has_publishing_off(bridge: Any, 
 
 
 # ---------------------------------------------------------------------------
+# Request: a NATS service's answer, or why there is none
+# ---------------------------------------------------------------------------
+
+
+async def serve(nc: Any, subject: str, answer: bytes | None,
+                headers: dict[str, str] | None = None) -> list[Any]:
+    """A NATS service on ``subject`` answering ``answer`` (None: never answering); what it got."""
+    got: list[Any] = []
+
+    async def handler(msg: Any) -> None:
+        got.append(msg)
+        if answer is not None:
+            await nc.publish(msg.reply, answer, headers=headers)
+
+    await nc.subscribe(subject, cb=handler)
+    await nc.flush(timeout=5)
+    return got
+
+
+@pytest.mark.slow
+async def test_request_resolves_with_the_answer_its_exact_json_and_headers(
+    nats_server: NatsServer, bridge_factory: Any, nc: Any, open_page: OpenPage
+) -> None:
+    bridge = await bridge_factory(nats_url=nats_server.url, publish_allow=("lib.svc.>",))
+    subject = unique("lib.svc")
+    got = await serve(nc, subject, b'{"big": 123456789012345678901234567890, "f": 1.10}', {"X-Answer": "yes"})
+    page = await harness(open_page, bridge.http_url)
+    answer = await page.evaluate(
+        """async (s) => {
+            const a = await client.request(s, {q: 1}, {timeout: 5, headers: {"X-Trace": "abc"}});
+            return {data: a.data, dataJson: a.dataJson, encoding: a.encoding ?? null, headers: a.headers};
+        }""", subject)
+    assert answer["dataJson"] == '{"big": 123456789012345678901234567890, "f": 1.10}'
+    assert (answer["encoding"], answer["headers"]) == (None, {"X-Answer": "yes"})
+    assert (got[0].data, got[0].headers) == (b'{"q": 1}', {"X-Trace": "abc"})
+
+
+REQUEST_FAILURES = {
+    # code: (the request, in the page; the bridge's settings beyond PUBLISH_ALLOW=lib.svc.>)
+    "no_responders": ("client.request(S + '.nobody', 1)", {}),
+    "timeout": ("client.request(S, 1, {timeout: 0.2})", {}),
+    "not_allowed": ("client.request('lib.elsewhere', 1)", {}),
+    "too_many_requests": ("(client.request(S, 1), client.request(S, 2))", {"max_pending_requests": 1}),
+    "invalid": ("client.request(S, 1, {headers: {'Nats-Rollup': 'all'}})", {}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("code", list(REQUEST_FAILURES))
+async def test_request_rejects_with_an_error_whose_code_is_the_bridges(
+    code: str, nats_server: NatsServer, bridge_factory: Any, nc: Any, open_page: OpenPage
+) -> None:
+    call, settings = REQUEST_FAILURES[code]
+    bridge = await bridge_factory(nats_url=nats_server.url, publish_allow=("lib.svc.>",), **settings)
+    subject = unique("lib.svc")
+    await serve(nc, subject, None)  # takes requests, never answers
+    page = await harness(open_page, bridge.http_url)
+    failure = await page.evaluate(
+        f"""async (S) => {{
+            try {{ await {call}; return "resolved"; }}
+            catch (err) {{ return {{isError: err instanceof Error, code: err.code, message: err.message}}; }}
+        }}""", subject)
+    assert failure != "resolved"
+    assert (failure["isError"], failure["code"]) == (True, code), failure
+
+
+@pytest.mark.slow
+async def test_request_rejects_disconnected_when_the_socket_drops_and_is_never_sent_again(
+    nats_server: NatsServer, bridge_factory: Any, nc: Any, open_page: OpenPage
+) -> None:
+    bridge = await bridge_factory(nats_url=nats_server.url, publish_allow=("lib.svc.>",))
+    subject = unique("lib.svc")
+    got = await serve(nc, subject, None)
+    page = await harness(open_page, bridge.http_url, minDelay=50)
+    await page.evaluate("(s) => { window.pending = client.request(s, 'once').catch((err) => err); }", subject)
+    await eventually(lambda: len(got) == 1)
+    await page.evaluate("() => client._ws.close()")  # the socket drops under the request
+    failure = await page.evaluate("async () => { const e = await pending; return [e.code, e.message]; }")
+    assert failure[0] == "disconnected", failure
+    await connected(page)  # reconnected...
+    await page.evaluate("(s) => client.subscribe(s + '.x').ready", subject)  # ...and a round trip done
+    assert len(got) == 1
+
+
+@pytest.mark.slow
+async def test_request_rejects_disconnected_when_not_connected(bridge: Any, open_page: OpenPage) -> None:
+    page = await harness(open_page, bridge.http_url, connect=False)
+    code = await page.evaluate("() => client.request('lib.svc.x', 1).catch((err) => err.code)")
+    assert code == "disconnected"
+
+
+# ---------------------------------------------------------------------------
 # Messages as the payload wrote them
 # ---------------------------------------------------------------------------
 

@@ -485,7 +485,15 @@ DEMO_FILES = [COMPOSE_FILE, CLUSTER_FILE]
 
 
 def demo_bridges(file: Path) -> list[str]:
-    return [name for name, svc in compose(file)["services"].items() if "build" in svc]
+    """Services running the image's own command (the bridge), not another program of it."""
+    services = compose(file)["services"]
+    return [name for name, svc in services.items() if "build" in svc and "command" not in svc]
+
+
+def demo_services(file: Path) -> list[str]:
+    """Services running services/demo_service.py from the image."""
+    return [name for name, svc in compose(file)["services"].items()
+            if "build" in svc and "services/demo_service.py" in " ".join(svc.get("command") or [])]
 
 
 @pytest.mark.parametrize("file", DEMO_FILES, ids=lambda f: f.name)
@@ -519,6 +527,36 @@ def test_demo_control_token_is_taken_from_the_shell_when_set(file: Path) -> None
 def test_demo_keeps_presence_on_the_demo_subjects_on_every_bridge(file: Path) -> None:
     for name in demo_bridges(file):
         assert load_config([], container_env(name, file)).presence_subjects == ("demo.>",), name
+
+
+# The demo service (services/demo_service.py): in both files, from the same image, on their NATS,
+# and callable from the page through every bridge.
+
+
+@pytest.mark.parametrize("file", DEMO_FILES, ids=lambda f: f.name)
+def test_demo_runs_one_demo_service_built_from_the_repository_dockerfile(file: Path) -> None:
+    [name] = demo_services(file)
+    build = service(name, file)["build"]
+    assert (file.parent / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE.resolve()
+    command = service(name, file)["command"]
+    copied = image_sources()
+    inside = [c for c in copied if command[-1] == c or command[-1].startswith(c.rstrip("/") + "/")]
+    assert inside, (command, copied)
+
+
+@pytest.mark.parametrize("file", DEMO_FILES, ids=lambda f: f.name)
+def test_demo_service_reaches_the_nats_services_and_waits_for_them(file: Path) -> None:
+    [name] = demo_services(file)
+    urls = compose_environment(name, file)["NATS_URL"].split(",")
+    assert {urlsplit(u).hostname for u in urls} == set(nats_service_names(file)), urls
+    assert set(conditions(service(name, file)["depends_on"]).values()) == {"service_healthy"}
+
+
+@pytest.mark.parametrize("file", DEMO_FILES, ids=lambda f: f.name)
+def test_demo_bridges_let_the_page_call_the_demo_service(file: Path) -> None:
+    for name in demo_bridges(file):
+        policy = load_config([], container_env(name, file)).policy.for_user()
+        assert [s for s in ("svc.echo", "svc.time") if policy.publish_refusal(s)] == [], name
 
 
 # ---------------------------------------------------------------------------
@@ -683,6 +721,58 @@ def test_bridge_run_like_the_container_exits_0_on_sigterm(nats_server: NatsServe
     assert code == 0, out
 
 
+@pytest.fixture
+def demo_service_like_its_container(
+    nats_server: NatsServer, tmp_path: Path
+) -> Iterator[subprocess.Popen[str]]:
+    """docker-compose.yml's demo service: its command in a directory holding what the image COPYs,
+    with its environment (NATS service names -> the test's nats-server)."""
+    [name] = demo_services(COMPOSE_FILE)
+    workdir = workdir_of(tmp_path / "image")
+    workdir.mkdir(parents=True)
+    stage_image_files(workdir)
+    ports = {svc: {NATS_CLIENT_PORT: nats_server.port} for svc in nats_service_names()}
+    env = {key: ",".join(local_url(v, ports) for v in value.split(",")) if "://" in value else value
+           for key, value in {**dockerfile_env(), **compose_environment(name)}.items() if key != "PATH"}
+    proc = subprocess.Popen(local_command(service(name)["command"]), cwd=workdir,
+                            env={**env, "PATH": os.environ.get("PATH", "")}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate(timeout=10)
+
+
+async def test_demo_service_run_like_its_container_answers_and_stops_on_sigterm(
+    nats_server: NatsServer, demo_service_like_its_container: subprocess.Popen[str]
+) -> None:
+    proc = demo_service_like_its_container
+    try:
+        answer = await ask_until_answered(nats_server.url, "svc.echo", b'{"n": 1}')
+        assert json.loads(answer) == {"data": {"n": 1}, "headers": {}}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.to_thread(proc.communicate, timeout=20)
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out, out
+
+
+async def ask_until_answered(url: str, subject: str, payload: bytes) -> bytes:
+    """A NATS request, tried until a service answers (it may still be starting)."""
+    import nats
+
+    nc = await asyncio.wait_for(nats.connect(url), 10)
+    try:
+        for _ in range(150):
+            try:
+                return (await nc.request(subject, payload, timeout=1)).data
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                await asyncio.sleep(0.2)
+        raise AssertionError(f"nobody answered on {subject}")
+    finally:
+        await asyncio.wait_for(nc.close(), 10)
+
+
 # ---------------------------------------------------------------------------
 # docker-compose.cluster.yml: three NATS nodes, two bridge replicas, nginx in front
 # ---------------------------------------------------------------------------
@@ -697,7 +787,7 @@ def cluster_nats() -> list[str]:
 
 
 def cluster_bridges() -> list[str]:
-    return [name for name, svc in compose(CLUSTER_FILE)["services"].items() if "build" in svc]
+    return demo_bridges(CLUSTER_FILE)
 
 
 def nats_flags(name: str) -> dict[str, str]:

@@ -627,6 +627,25 @@ async def test_documented_nats_permissions_let_a_backend_command_the_bridges(gua
     assert (answer["status"], frame["subject"]) == (200, "public.news")
 
 
+async def test_documented_nats_permissions_let_a_browser_call_a_service(guarded_nats, bridge_factory,
+                                                                        ws_factory):
+    bridge = await bridge_factory(nats_url=as_user(guarded_nats, "bridge"), subject_allow=("public.>",),
+                                  publish_allow=("user.*.outbox",))
+    app = await asyncio.wait_for(nats.connect(as_user(guarded_nats, "app")), TIMEOUT)
+
+    async def service(msg: Any) -> None:
+        await msg.respond(b'"done"')
+
+    try:
+        await app.subscribe("user.alice.outbox", cb=service)
+        await asyncio.wait_for(app.flush(), TIMEOUT)
+        client = await ws_factory(bridge.ws_url)
+        frame = await client.request({"action": "request", "subject": "user.alice.outbox", "data": 1})
+    finally:
+        await asyncio.wait_for(app.close(), TIMEOUT)
+    assert (frame["success"], frame.get("data")) == (True, "done"), frame
+
+
 async def test_documented_nats_permissions_keep_other_users_off_the_control_plane(guarded_nats):
     refused: list[str] = []
 

@@ -7,16 +7,21 @@ near-valid control frames with random subjects and actions (``presence`` asks an
 ``"presence"`` members on subscribes among them, on a bridge keeping presence
 on ``fuzz.>`` with JetStream), ``refresh`` frames
 carrying random tokens: forged, expired, another user's, garbage, and validly
-signed ones with random ``nats`` permission claims; each is sent as generated
-and again with one byte changed) and sends them to a bridge process (JWT on)
+signed ones with random ``nats`` permission claims; ``request`` frames with
+random headers and timeouts, to subjects an echo service answers, a silent one
+takes and nobody serves; each is sent as generated and again with one byte
+changed) and sends them to a bridge process (JWT on)
 whose control-frame rate limit is set out of the way.  Every frame is followed
 by a sentinel frame whose reply carries a known id, so each frame's answer is
 the set of replies between two sentinel replies; a frame may instead end the
 connection, but only with the close its kind calls for (1009 for a frame at or
 over MAX_FRAME_BYTES, 1007 for text that is not UTF-8), after which the fuzzer
-reconnects.  Anything else is recorded as an anomaly rather than stopping the
-campaign, so one bug does not hide the others; the tests below then each check
-one property of the campaign's record.
+reconnects.  A request the bridge accepts is answered when NATS answers, maybe
+after later frames' replies: such answers are counted apart, and every accepted
+request must get exactly one before the connection moves on.  Anything else
+is recorded as an anomaly rather than stopping the campaign, so one bug does
+not hide the others; the tests below then each check one property of the
+campaign's record.
 
 Meanwhile a healthy client on the side follows a subject that a publisher
 writes a numbered stream to; it must see every number, in order.
@@ -76,7 +81,7 @@ def weighted(*choices: tuple[int, st.SearchStrategy[Any]]) -> st.SearchStrategy[
 SURROGATES = st.sampled_from(["\ud800", "\udfff", "a\udc00b"])
 TEXT = weighted((12, st.text(max_size=16)), (1, SURROGATES))
 KEYS = st.sampled_from(["action", "subjects", "subject", "id", "data", "encoding", "type", "presence",
-                        ""]) | TEXT
+                        "headers", "timeout", ""]) | TEXT
 
 HUGE_INTS = st.integers(min_value=-(10**300), max_value=10**300)
 SCALARS = st.one_of(
@@ -105,8 +110,8 @@ SUBJECTS = weighted(
     (1, st.sampled_from(["fuzz.pub.a", "fuzz.pub.b.c", ">", "*.>", "_INBOX.>", "$SYS.>", "a.*.b"])),
 )
 ACTIONS = weighted(
-    (8, st.sampled_from(["subscribe", "unsubscribe", "publish", "refresh", "presence", "SUBSCRIBE", "sub",
-                         ""])),
+    (8, st.sampled_from(["subscribe", "unsubscribe", "publish", "refresh", "presence", "request", "request",
+                         "SUBSCRIBE", "sub", ""])),
     (1, TEXT),
     (1, JSON_VALUES),
 )
@@ -139,6 +144,26 @@ FUZZ_TOKENS = weighted(
     (1, JSON_VALUES),
 )
 
+HEADER_NAMES = st.sampled_from(["X-Trace", "x-tag", "Nats-Rollup", "nats-expected-stream", "NATS-MSG-ID",
+                                 "Status", "description", "bad name", "", "X:Y", "ä"]) | TEXT
+HEADER_VALUES = st.sampled_from(["abc", "", " padded ", "a\r\nNats-Rollup: sub", "a\nStatus: 503",
+                                 "ü"]) | TEXT
+HEADERS = weighted(
+    (3, st.dictionaries(HEADER_NAMES, HEADER_VALUES | st.lists(HEADER_VALUES, max_size=3), max_size=3)),
+    (1, JSON_VALUES),
+)
+TIMEOUTS = weighted(
+    (2, st.sampled_from([0.05, 0.1, 1, 30, 0, -1, 1e999])),
+    (1, st.floats(allow_nan=True, allow_infinity=True)),
+    (1, JSON_VALUES),
+)
+# Who answers what: an echo service, a silent one (its requests time out), and for any other
+# subject nobody (no responders).
+ECHO_SUBJECT, SILENT_SUBJECT = "fuzz.pub.a", "fuzz.pub.b.c"
+REQUEST_TIMEOUT = 0.2
+# A request's answer, as opposed to a refusal, which comes before its frame's sentinel.
+LATE_ERRORS = {"no_responders", "timeout"}
+
 NEAR_VALID = st.fixed_dictionaries(
     {"action": ACTIONS},
     optional={
@@ -147,8 +172,10 @@ NEAR_VALID = st.fixed_dictionaries(
         "subject": SUBJECTS,
         "id": IDS,
         "data": st.one_of(JSON_VALUES, BASE64ISH),
-        "encoding": st.sampled_from(["base64", "utf-8", 1, None]),
+        "encoding": st.sampled_from(["base64", "text", "utf-8", 1, None]),
         "presence": weighted((4, st.booleans()), (1, JSON_VALUES)),
+        "headers": HEADERS,
+        "timeout": TIMEOUTS,
     },
 )
 
@@ -159,6 +186,16 @@ PRESENCE_FRAMES = st.fixed_dictionaries(
      "subjects": st.lists(ROOM, min_size=1, max_size=2), "presence": st.just(True)},
     optional={"id": IDS},
 ) | st.fixed_dictionaries({"action": st.just("presence"), "subject": ROOM}, optional={"id": IDS})
+
+# Requests that mostly pass the checks, so that NATS's side is fuzzed too: answered, timed out,
+# no responders, and the headers and timeouts that must be refused.
+CALLED = st.sampled_from([ECHO_SUBJECT, SILENT_SUBJECT, "fuzz.pub.nobody"])
+REQUESTS = st.fixed_dictionaries(
+    {"action": st.just("request"), "subject": weighted((4, CALLED), (1, SUBJECTS)),
+     "data": st.one_of(JSON_VALUES, BASE64ISH)},
+    optional={"id": IDS, "headers": HEADERS, "timeout": TIMEOUTS,
+              "encoding": st.sampled_from(["base64", "text"])},
+)
 
 
 def dumps(value: Any) -> str:
@@ -186,6 +223,7 @@ AT_LIMIT = st.integers(min_value=FRAME_LIMIT - 3, max_value=FRAME_LIMIT + 64)
 FRAMES = weighted(
     (40, text_frame(NEAR_VALID.map(dumps))),
     (3, text_frame(PRESENCE_FRAMES.map(dumps))),
+    (10, text_frame(REQUESTS.map(dumps))),
     (20, text_frame(JSON_VALUES.map(dumps))),
     (8, text_frame(st.builds(truncated, NEAR_VALID, st.integers(min_value=0)))),
     (6, text_frame(st.text(max_size=200))),
@@ -250,6 +288,7 @@ class Record:
     refreshes: dict[bool, int] = field(default_factory=dict)  # refresh replies by success
     presence: dict[bool, int] = field(default_factory=dict)  # presence replies by success
     presence_frames: int = 0  # join and leave frames received
+    requests: dict[str, int] = field(default_factory=dict)  # request outcomes: "ok" or the error
     side_published: int = 0
     side_received: list[int] = field(default_factory=list)
     alive_during: bool = True
@@ -276,6 +315,8 @@ class Fuzzer:
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.counter = 0
         self.tag = uuid.uuid4().hex
+        # Requests accepted (no reply before their sentinel) less answers received.
+        self.outstanding = 0
 
     async def connect(self) -> aiohttp.ClientWebSocketResponse:
         if self.ws is not None and not self.ws.closed:
@@ -336,8 +377,42 @@ class Fuzzer:
             pass  # closed under us: the reads below say why
         for frame, sid in zip(frames, sentinels, strict=False):
             if not await self.await_answer(ws, frame, sid):
+                self.outstanding = 0  # the connection ended: its requests with it
                 await self.drop()
                 return
+        await self.drain(ws, frames[-1])
+
+    async def drain(self, ws: aiohttp.ClientWebSocketResponse, frame: tuple[str, bytes]) -> None:
+        """Every request accepted so far gets its one answer (within its timeout, or at once)."""
+        while self.outstanding > 0:
+            try:
+                msg = await asyncio.wait_for(ws.receive(), REQUEST_TIMEOUT + TIMEOUT)
+            except TimeoutError:
+                self.record.anomaly("an accepted request was never answered", frame)
+                break
+            if msg.type is not aiohttp.WSMsgType.TEXT:
+                self.record.anomaly(f"the connection ended ({msg.type.name}) with requests in flight", frame)
+                break
+            reply = json.loads(msg.data)
+            if isinstance(reply, dict) and reply.get("type") == "reply":
+                if self.is_answer(reply):
+                    self.count_answer(reply)
+                else:
+                    self.record.anomaly("a reply to no frame while requests were in flight", frame)
+        if self.outstanding < 0:
+            self.record.anomaly("more request answers than requests accepted", frame)
+        self.outstanding = 0
+
+    @staticmethod
+    def is_answer(reply: dict[str, Any]) -> bool:
+        """A request's answer (NATS's, or no responders, or its timeout), not a refusal."""
+        return reply.get("action") == "request" and (reply.get("success") is True
+                                                     or reply.get("error") in LATE_ERRORS)
+
+    def count_answer(self, reply: dict[str, Any]) -> None:
+        self.outstanding -= 1
+        outcome = "ok" if reply.get("success") is True else str(reply.get("error"))
+        self.record.requests[outcome] = self.record.requests.get(outcome, 0) + 1
 
     async def await_answer(
         self, ws: aiohttp.ClientWebSocketResponse, frame: tuple[str, bytes], sid: str
@@ -363,10 +438,15 @@ class Fuzzer:
                 if not isinstance(reply, dict) or reply.get("type") != "reply":
                     continue  # a forwarded message, a status, join or leave frame
                 if reply.get("id") == sid:
-                    if answers == 0:
+                    if answers == 0 and b"request" in frame[1]:
+                        self.outstanding += 1  # an accepted request: its answer comes when NATS answers
+                    elif answers == 0:
                         record.anomaly("frame got no reply", frame)
                     record.frames += 1
                     return True
+                if self.is_answer(reply):
+                    self.count_answer(reply)
+                    continue
                 if not isinstance(reply.get("success"), bool) or not isinstance(reply.get("message"), str):
                     record.anomaly("reply without boolean success and string message", frame)
                 answers += 1
@@ -375,6 +455,9 @@ class Fuzzer:
                     ok = reply.get("success") is True
                     tally = record.refreshes if reply["action"] == "refresh" else record.presence
                     tally[ok] = tally.get(ok, 0) + 1
+                if reply.get("action") == "request":
+                    refused = str(reply.get("error"))
+                    record.requests[refused] = record.requests.get(refused, 0) + 1
                 continue
             record.frames += 1
             if msg.type is aiohttp.WSMsgType.CLOSE:
@@ -470,12 +553,29 @@ async def http_status(url: str) -> int:
             return resp.status
 
 
+async def services(nats_url: str) -> nats.NATS:
+    """The echo and the silent service the fuzzer's requests reach."""
+    nc = await asyncio.wait_for(nats.connect(nats_url), TIMEOUT)
+
+    async def echo(msg: Any) -> None:
+        await msg.respond(msg.data)  # with the request's own headers
+
+    async def silent(msg: Any) -> None:
+        pass
+
+    await nc.subscribe(ECHO_SUBJECT, cb=echo)
+    await nc.subscribe(SILENT_SUBJECT, cb=silent)
+    await asyncio.wait_for(nc.flush(), TIMEOUT)
+    return nc
+
+
 async def campaign(nats_url: str, bp: BridgeProcess, record: Record) -> None:
     ws_url = bp.http_url + "/stream"
     fuzzer = Fuzzer(ws_url, record)
     stop = asyncio.Event()
     side = asyncio.create_task(side_stream(ws_url, nats_url, record, stop))
     started = time.monotonic()
+    responders = await services(nats_url)
     try:
         await asyncio.sleep(0.2)  # the side client is subscribed and streaming
         loop = asyncio.get_running_loop()
@@ -488,6 +588,7 @@ async def campaign(nats_url: str, bp: BridgeProcess, record: Record) -> None:
         stop.set()
         await fuzzer.close()
         await asyncio.wait_for(side, 60)
+        await asyncio.wait_for(responders.close(), TIMEOUT)
     record.healthz_after = await http_status(bp.http_url + "/healthz")
     async with aiohttp.ClientSession() as session:
         ws = await asyncio.wait_for(session.ws_connect(ws_url, headers=AUTH), TIMEOUT)
@@ -507,6 +608,7 @@ def fuzz_record(js_server: NatsServer) -> Iterator[Record]:
         "CONTROL_RATE": "1000000",
         "MAX_FRAME_BYTES": str(FRAME_LIMIT),
         "PUBLISH_ALLOW": "fuzz.pub.>",
+        "REQUEST_TIMEOUT": str(REQUEST_TIMEOUT),
         "JWT_SECRET": SECRET,
         "TEST_PUBLISH_INTERVAL": "0",
         "LOG_LEVEL": "WARNING",
@@ -527,7 +629,8 @@ def fuzz_record(js_server: NatsServer) -> Iterator[Record]:
 def describe(record: Record) -> str:
     return (f"{record.frames} frames, {record.replies} replies, closes {record.closes}, "
             f"{record.reconnects} reconnects, refreshes {record.refreshes}, presence {record.presence} "
-            f"and {record.presence_frames} join/leave frames, {record.elapsed:.1f} s")
+            f"and {record.presence_frames} join/leave frames, requests {record.requests}, "
+            f"{record.elapsed:.1f} s")
 
 
 # ---------------------------------------------------------------------------
@@ -555,6 +658,11 @@ def test_fuzz_presence_was_answered_refused_and_watched(fuzz_record):
         fuzz_record.presence
     )
     assert fuzz_record.presence_frames > 0, describe(fuzz_record)
+
+
+def test_fuzz_requests_were_answered_timed_out_and_refused(fuzz_record):
+    outcomes = fuzz_record.requests
+    assert {"ok", "no_responders", "timeout", "invalid"} <= set(outcomes), outcomes
 
 
 def test_fuzz_bridge_process_stays_up(fuzz_record):

@@ -90,6 +90,17 @@ async def test_make_run_lets_the_page_publish_under_demo(make_run, ws_factory):
     assert (await client.receive_message())["data"] == "hi"
 
 
+async def test_make_run_lets_the_page_call_the_demo_service(make_run, ws_factory):
+    await asyncio.to_thread(read_until, make_run, r"Request button may call the demo service")
+    client = await ws_factory(f"http://127.0.0.1:{make_run['port']}/stream")
+    for _ in range(150):  # the service may still be starting
+        reply = await client.request({"action": "request", "subject": "svc.echo", "data": {"hi": 1}})
+        if reply.get("error") != "no_responders":
+            break
+        await asyncio.sleep(0.2)
+    assert (reply["success"], reply["data"]) == (True, {"data": {"hi": 1}, "headers": {}}), reply
+
+
 async def test_make_run_stops_cleanly_on_ctrl_c(make_run):
     await asyncio.to_thread(read_until, make_run, r"Open http://")
     proc = make_run["proc"]
@@ -98,6 +109,22 @@ async def test_make_run_stops_cleanly_on_ctrl_c(make_run):
     output = "".join(make_run["lines"]) + rest
     assert "Traceback" not in output, output
     assert any(line.endswith("bridge: stopped") for line in output.splitlines()), output
+    assert not [p for p in service_processes() if p], "the demo service outlived make run"
+
+
+def service_processes() -> list[str]:
+    """Command lines of the demo services running from this repository."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    command = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(ROOT / "services" / "demo_service.py") in command:
+                found.append(command)
+    return found
 
 
 # ---------------------------------------------------------------------------
@@ -229,9 +256,27 @@ async def test_make_run_hint_curl_line_streams_the_subjects_messages(key, nats_s
         await nc.flush()
         event = (await asyncio.wait_for(resp.content.readuntil(b"\n\n"), TIMEOUT)).decode()
     assert event.startswith("data: ") and json.loads(event[6:])["subject"] == subject, event
+
+
 def test_make_run_keeps_presence_on_demo_unless_presence_subjects_says_otherwise():
     assert dev_run.effective_config([], {})[0].presence_subjects == ("demo.>",)
     assert dev_run.effective_config([], {"PRESENCE_SUBJECTS": ""})[0].presence_subjects == ()
+
+
+@pytest.mark.parametrize("key", HINT_CONFIGS)
+async def test_make_run_hint_on_calling_the_demo_service_is_true(key, nats_server, bridge_factory, ws_factory,
+                                                                 nc):
+    async def echo(msg: Any) -> None:
+        await msg.respond(b'"answered"')
+
+    await nc.subscribe("svc.echo", cb=echo)
+    await nc.flush(timeout=TIMEOUT)
+    hinted = await follow_hints(key, nats_server, bridge_factory, ws_factory)
+    may = hinted.find(r"Request button may call the demo service on (\S+)")
+    may_not = hinted.find(r"may not call the demo service")
+    assert bool(may) != bool(may_not), hinted.lines
+    reply = await hinted.client.request({"action": "request", "subject": "svc.echo", "data": "hi"})
+    assert reply["success"] is bool(may), (hinted.lines, reply)
 
 
 def test_make_run_hints_say_when_nothing_can_be_followed():

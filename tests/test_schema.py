@@ -190,6 +190,11 @@ WELCOME = {
     "connection_id": "Zq3x0mW8sYk2bV1cR7tN4A", "protocol": 1, "nats": "connected", "publish": False,
 }
 
+ANSWER = {"success": True, "message": "Answer from svc.x", "type": "reply", "id": 1, "action": "request",
+          "subjects": ["svc.x"], "data": {"ok": 1}}
+REQUEST_FAILED = {"success": False, "message": "No service answers on svc.x (no responders)", "type": "reply",
+                  "action": "request", "subjects": ["svc.x"], "error": "no_responders"}
+
 MALFORMED_SERVER_FRAMES = {
     "welcome-without-connection-id": {k: v for k, v in WELCOME.items() if k != "connection_id"},
     "welcome-with-wrong-protocol": {**WELCOME, "protocol": 2},
@@ -207,6 +212,13 @@ MALFORMED_SERVER_FRAMES = {
     "message-header-not-a-string": {"subject": "a.b", "data": 1, "headers": {"k": 1}},
     "unknown-type": {"success": True, "type": "bonus", "message": "x"},
     "not-an-object": ["subject", "data"],
+    "request-answer-failed-yet-with-data": {**ANSWER, "success": False},
+    "request-answer-without-subjects": {k: v for k, v in ANSWER.items() if k != "subjects"},
+    "request-answer-base64-not-base64": {**ANSWER, "data": "not base64!", "encoding": "base64"},
+    "request-answer-header-not-a-string": {**ANSWER, "headers": {"X": ["a"]}},
+    "request-error-on-a-success": {**REQUEST_FAILED, "success": True},
+    "request-unknown-error": {**REQUEST_FAILED, "error": "busy"},
+    "data-on-a-subscribe-reply": {**ANSWER, "action": "subscribe"},
 }
 
 
@@ -226,6 +238,11 @@ VALID_CLIENT_FRAMES = {
     "unsubscribe": {"action": "unsubscribe", "subjects": ["a.b"], "id": "x"},
     "publish-json": {"action": "publish", "subject": "a.b", "data": {"k": [1, 2]}},
     "publish-base64": {"action": "publish", "subject": "a.b", "data": "AAEC/w==", "encoding": "base64"},
+    "publish-text": {"action": "publish", "subject": "a.b", "data": "hi", "encoding": "text"},
+    "request": {"action": "request", "subject": "svc.x", "data": {"q": 1}, "id": "r"},
+    "request-with-headers-and-timeout": {"action": "request", "subject": "svc.x", "data": "AA==",
+                                         "encoding": "base64", "headers": {"X-A": "1", "X-B": ["2", "3"]},
+                                         "timeout": 0.5},
 }
 
 INVALID_CLIENT_FRAMES = {
@@ -238,6 +255,13 @@ INVALID_CLIENT_FRAMES = {
     "publish-without-data": {"action": "publish", "subject": "a.b"},
     "publish-bad-base64": {"action": "publish", "subject": "a", "data": "AAE", "encoding": "base64"},
     "object-id": {"subjects": ["a"], "id": {"n": 1}},
+    "publish-text-not-a-string": {"action": "publish", "subject": "a", "data": 1, "encoding": "text"},
+    "request-to-a-wildcard": {"action": "request", "subject": "svc.*", "data": 1},
+    "request-with-a-reserved-header": {"action": "request", "subject": "svc.x", "data": 1,
+                                       "headers": {"nats-rollup": "all"}},
+    "request-header-with-a-line-break": {"action": "request", "subject": "svc.x", "data": 1,
+                                         "headers": {"X": "a\r\nStatus: 503"}},
+    "request-with-zero-timeout": {"action": "request", "subject": "svc.x", "data": 1, "timeout": 0},
     "not-an-object": [{"subjects": ["a"]}],
 }
 

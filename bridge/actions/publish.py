@@ -35,9 +35,14 @@ class Publisher:
         self._limits = limits
         self._stats = stats
 
+    @property
+    def enabled(self) -> bool:
+        """Publishing (and so requesting) is on at all: PUBLISH_ALLOW names subjects."""
+        return bool(self._policy.publish_allow)
+
     def check(self, session: Session, body: dict[str, Any], trusted: bool) -> tuple[str, bytes]:
         """The subject and payload of a publish (or a request) the session may make; else BadFrame."""
-        if not self._policy.publish_allow:
+        if not self.enabled:
             # Said before anything else is checked: the rest of the frame is moot.
             raise BadFrame("policy", "Publishing is disabled on this bridge")
         subject = body.get("subject")

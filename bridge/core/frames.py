@@ -80,22 +80,8 @@ def encode_nats_message(msg: Msg, seq: int | None = None, time: str | None = Non
     message sent because the client asked for history.
     """
     head = '{"subject":' + json.dumps(msg.subject, ensure_ascii=False)
-    payload = msg.data
-    try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError:
-        body = ',"data":"' + base64.b64encode(payload).decode("ascii") + '","encoding":"base64"'
-    else:
-        try:
-            json.loads(text, parse_constant=_reject_constant)
-        except (ValueError, RecursionError):
-            # Marked, so that the text `hello` and the JSON string `"hello"` differ on the wire.
-            body = ',"data":' + json.dumps(text, ensure_ascii=False) + ',"encoding":"text"'
-        else:
-            body = ',"data":' + text.strip()
-    extra = ""
-    if msg.headers:
-        extra += ',"headers":' + json.dumps(msg.headers, ensure_ascii=False)
+    body = payload_members(msg.data)
+    extra = headers_member(msg.headers)
     if seq is not None:
         extra += f',"seq":{seq:d}'
         if time is not None:
@@ -105,6 +91,30 @@ def encode_nats_message(msg: Msg, seq: int | None = None, time: str | None = Non
     elif msg.reply:
         extra += ',"reply":' + json.dumps(msg.reply, ensure_ascii=False)
     return (head + body + extra + "}").encode("utf-8")
+
+
+def payload_members(payload: bytes) -> str:
+    """A payload as frame members: ``,"data":...`` and, unless it is JSON, ``,"encoding":...``.
+
+    JSON is spliced in verbatim (after validation) rather than re-serialised:
+    cheaper, and big integers or exact float spellings survive.  Message frames
+    and request answers carry payloads the same way.
+    """
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return ',"data":"' + base64.b64encode(payload).decode("ascii") + '","encoding":"base64"'
+    try:
+        json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        # Marked, so that the text `hello` and the JSON string `"hello"` differ on the wire.
+        return ',"data":' + json.dumps(text, ensure_ascii=False) + ',"encoding":"text"'
+    return ',"data":' + text.strip()
+
+
+def headers_member(headers: dict[str, str] | None) -> str:
+    """``,"headers":{...}`` for a message's NATS headers, or nothing when it has none."""
+    return ',"headers":' + json.dumps(headers, ensure_ascii=False) if headers else ""
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -151,12 +161,17 @@ def reply(success: bool, message: str, request_id: Any = None, **extra: Any) -> 
 
 
 class BadFrame(Exception):
-    """A control frame we answer with an error reply; ``kind`` labels the metric."""
+    """A control frame we answer with an error reply; ``kind`` labels the metric.
 
-    def __init__(self, kind: str, message: str) -> None:
+    ``extra``: members the error reply carries besides the message (a request's
+    ``action``, ``error`` and ``subjects``).
+    """
+
+    def __init__(self, kind: str, message: str, **extra: Any) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
+        self.extra = extra
 
 
 def json_frame(frame: dict[str, Any]) -> bytes:
@@ -193,13 +208,13 @@ def parse_object(text: str | bytes) -> dict[str, Any]:
     return body
 
 
-def peek_id(text: str) -> Any:
-    """The id of a frame we will not otherwise process, so even that reply can be matched."""
+def peek(text: str) -> tuple[Any, Any]:
+    """The id and action of a frame we will not otherwise process, so even that reply can be matched."""
     try:
         body = json.loads(text)
     except (ValueError, RecursionError):
-        return None
-    return echoable(body.get("id")) if isinstance(body, dict) else None
+        return None, None
+    return (echoable(body.get("id")), body.get("action")) if isinstance(body, dict) else (None, None)
 
 
 def echoable(request_id: Any) -> Any:
@@ -231,12 +246,26 @@ def requested_subjects(body: dict[str, Any], max_subjects: int, max_length: int)
     return list(dict.fromkeys(subjects))
 
 
+PAYLOAD_ENCODINGS = ("text", "base64")
+
+
 def publish_payload(body: dict[str, Any]) -> bytes:
-    """A string is sent as its text, base64 as its bytes, any other JSON value as JSON."""
+    """A string is sent as its text, base64 as its bytes, any other JSON value as JSON.
+
+    For a publish and a request alike: ``"encoding": "text"`` says the string is
+    text (as without it), ``"base64"`` that it holds bytes; any other encoding is
+    refused rather than guessed at.
+    """
+    action = body.get("action", "publish")
     if "data" not in body:
-        raise BadFrame("publish", "publish needs 'data'")
+        raise BadFrame("publish", f"{action} needs 'data'")
     data = body["data"]
-    if body.get("encoding") == "base64":
+    encoding = body.get("encoding")
+    if encoding is not None and encoding not in PAYLOAD_ENCODINGS:
+        raise BadFrame("publish", "encoding must be \"text\" or \"base64\"")
+    if encoding == "text" and not isinstance(data, str):
+        raise BadFrame("publish", "text data must be a string")
+    if encoding == "base64":
         if not isinstance(data, str):
             raise BadFrame("publish", "base64 data must be a string")
         try:

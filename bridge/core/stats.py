@@ -9,6 +9,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+# How a browser's NATS request ended: the ``result`` label of bridge_requests_total, and the
+# ``error`` of a failed request's reply (core/request.py names each).
+REQUEST_RESULTS = ("ok", "timeout", "no_responders", "not_allowed", "too_many_requests", "invalid")
+
 
 @dataclass
 class Stats:
@@ -26,6 +30,8 @@ class Stats:
     event_streams_opened: int = 0
     token_expiries: int = 0
     token_refreshes: Counter[str] = field(default_factory=Counter)
+    # Browsers' NATS requests by how they ended (core/request.py RESULTS).
+    requests: Counter[str] = field(default_factory=Counter)
     bad_frames: Counter[str] = field(default_factory=Counter)
     # Event streams resumed from a Last-Event-ID, by outcome ("true": recovered, "false": not).
     event_resumes: Counter[str] = field(default_factory=Counter)

@@ -4,9 +4,10 @@ A ``Session`` is what the bridge knows of one WebSocket client: its id (a
 capability: the control API acts on a connection by it), the user its token
 names and that user's permissions, the patterns it follows (each a
 ``Subscription``, oldest first), the history planned for its last request,
-its budget of control frames, and its ``Outbox``, the bounded way out that
-every frame for it takes.  The manager, the registry and the catch-up change
-a session through its methods; nothing else writes its fields.
+its budget of control frames, its NATS requests in flight, and its
+``Outbox``, the bounded way out that every frame for it takes.  The manager,
+the registry and the catch-up change a session through its methods; nothing
+else writes its fields.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from bridge.core.budget import ControlBudget
 
 if TYPE_CHECKING:
+    from bridge.actions.request import Call
     from bridge.core.permissions import Permissions
     from bridge.core.tokens import Identity
     from bridge.hub.outbox import Outbox
@@ -39,8 +41,8 @@ class Subscription:
 
 class Session:
     # Slots: one of these per connection, and there may be tens of thousands.
-    __slots__ = ("budget", "expiry", "id", "opened", "outbox", "peer", "perms", "plans", "subscriptions",
-                 "user")
+    __slots__ = ("budget", "expiry", "id", "opened", "outbox", "peer", "perms", "plans", "requests",
+                 "subscriptions", "user")
 
     def __init__(self, peer: str, user: Identity | None, perms: Permissions, rate: float,
                  strikes: int) -> None:
@@ -58,6 +60,8 @@ class Session:
         self.plans: list[Plan] = []
         # The token's expiry warning and deadline (hub/lifetime.py arms them).
         self.expiry: list[asyncio.TimerHandle] = []
+        # Its NATS requests waiting for their answers (actions/request.py).
+        self.requests: set[Call] = set()
         self.opened = time.monotonic()
         self.budget = ControlBudget(rate, strikes, self.opened)
         # Set by the manager once the WebSocket is prepared.

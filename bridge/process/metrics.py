@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from bridge.core.stats import LinkStats
+from bridge.core.stats import REQUEST_RESULTS, LinkStats
 
 if TYPE_CHECKING:
     from handler import WSSManager
@@ -39,6 +39,7 @@ class BridgeCollector:
         yield from self._connections()
         yield from self._traffic()
         yield from self._jetstream()
+        yield from self._requests()
         yield from self._refusals()
 
     def _connections(self) -> Iterator[Metric]:
@@ -88,6 +89,14 @@ class BridgeCollector:
         yield labelled(GaugeMetricFamily, "jetstream_consumers", "JetStream consumers held now: live feeds "
                        "and history readers.", "kind",
                        {"feed": js.consumers.feeds, "reader": js.consumers.readers})
+
+    def _requests(self) -> Iterator[Metric]:
+        m = self._manager
+        yield labelled(CounterMetricFamily, "requests", "Browsers' NATS requests, by how they ended (those "
+                       "whose connection closed first are not counted).", "result",
+                       {result: m.stats.requests[result] for result in REQUEST_RESULTS})
+        yield gauge("requests_in_flight", "Browsers' NATS requests waiting for their answers.",
+                    m.requester.in_flight)
 
     def _refusals(self) -> Iterator[Metric]:
         yield labelled(CounterMetricFamily, "bad_frames", "Control frames answered with an error (a ping "
