@@ -97,3 +97,14 @@ def test_no_runtime_import_cycle_and_at_most_seven_floors():
 
 def test_main_and_handler_are_the_only_python_files_at_the_top():
     assert sorted(p.name for p in ROOT.glob("*.py")) == ["handler.py", "main.py"]
+
+
+def test_no_class_over_350_lines_and_no_function_over_80():
+    too_long = []
+    for path in [*our_modules().values(), *ROOT.glob("services/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+                if lines > (350 if isinstance(node, ast.ClassDef) else 80):
+                    too_long.append(f"{path.relative_to(ROOT)}:{node.name} ({lines} lines)")
+    assert too_long == []
