@@ -67,6 +67,28 @@ def flow_control_subject(subject: str | None) -> bool:
     return bool(subject) and subject.startswith("$JS.FC.")  # type: ignore[union-attr]
 
 
+async def answer_server_control(nc: NATS, msg: Msg, delivered: int) -> str | None:
+    """Answer the server's heartbeat or flow-control request (``server_control`` said it is one).
+
+    A flow-control request is answered on its own ``$JS.FC.`` reply (every
+    earlier delivery has been handed on: the callbacks run in order), so is a
+    stalled consumer's; nothing else is ever published for the server.  A
+    heartbeat whose ``Nats-Last-Consumer`` is not ``delivered`` means a delivery
+    went missing: the reason to restart is returned, in words.
+    """
+    headers = msg.headers or {}
+    if "FlowControl" in headers.get("Description", "") and flow_control_subject(msg.reply):
+        await nc.publish(msg.reply, b"")
+        return None
+    stalled = headers.get("Nats-Consumer-Stalled")
+    if flow_control_subject(stalled):
+        await nc.publish(stalled, b"")  # type: ignore[arg-type]
+    last = headers.get("Nats-Last-Consumer")
+    if last is not None and last.isdigit() and int(last) != delivered:
+        return f"heartbeat says {last} delivered, we have {delivered}"
+    return None
+
+
 class LiveFeed:
     """A shared live subscription to a stored pattern: every message once, in order, with its sequence.
 
@@ -193,20 +215,9 @@ class LiveFeed:
 
     async def _control(self, msg: Msg) -> None:
         """The server's heartbeat or flow-control request (``server_control`` said so)."""
-        headers = msg.headers or {}
         nc = self._nats()
-        if nc is None:
-            return
-        if "FlowControl" in headers.get("Description", "") and flow_control_subject(msg.reply):
-            # Every earlier delivery has been handed on (this callback runs in order).
-            await nc.publish(msg.reply, b"")
-            return
-        stalled = headers.get("Nats-Consumer-Stalled")
-        if flow_control_subject(stalled):
-            await nc.publish(stalled, b"")  # type: ignore[arg-type]
-        last = headers.get("Nats-Last-Consumer")
-        if last is not None and last.isdigit() and int(last) != self._expected - 1:
-            self.restart_soon(f"heartbeat says {last} delivered, we have {self._expected - 1}")
+        if nc is not None and (why := await answer_server_control(nc, msg, self._expected - 1)):
+            self.restart_soon(why)
 
     def restart_soon(self, why: str) -> None:
         if self._stopped or (self._restarting is not None and not self._restarting.done()):

@@ -32,7 +32,7 @@ from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 
 from bridge.jetstream.api import HEARTBEAT, LIVE_INACTIVE, NS, JetStream, JetStreamError, delivery
-from bridge.jetstream.feed import flow_control_subject, server_control
+from bridge.jetstream.feed import answer_server_control, server_control
 
 logger = logging.getLogger(__name__)
 
@@ -132,19 +132,9 @@ class PresenceFeed:
 
     async def _control(self, msg: Msg) -> None:
         """The server's heartbeat or flow-control request (``server_control`` said so)."""
-        headers = msg.headers or {}
         nc = self._nats()
-        if nc is None:
-            return
-        if "FlowControl" in headers.get("Description", "") and flow_control_subject(msg.reply):
-            await nc.publish(msg.reply, b"")  # every earlier delivery has been applied
-            return
-        stalled = headers.get("Nats-Consumer-Stalled")
-        if flow_control_subject(stalled):
-            await nc.publish(stalled, b"")  # type: ignore[arg-type]
-        last = headers.get("Nats-Last-Consumer")
-        if last is not None and last.isdigit() and int(last) != self._expected - 1:
-            self.restart_soon(f"heartbeat says {last} delivered, we have {self._expected - 1}")
+        if nc is not None and (why := await answer_server_control(nc, msg, self._expected - 1)):
+            self.restart_soon(why)
 
     def restart_soon(self, why: str) -> None:
         if self._stopped or (self._restarting is not None and not self._restarting.done()):
