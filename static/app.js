@@ -681,17 +681,24 @@ function fitPublishData() {
   box.style.height = `${box.scrollHeight + box.offsetHeight - box.clientHeight}px`;
 }
 
-function publishFromForm() {
+// The form's subject when it can be sent now, else null with the reason said beside the form.
+function sendableSubject(missing) {
   const subject = ui.publishSubject.value.trim();
   if (!subject) {
-    setStatus(ui.publishStatus, false, "Type the subject to publish to.");
+    setStatus(ui.publishStatus, false, missing);
     ui.publishSubject.focus();
-    return;
+    return null;
   }
   if (client.state !== "connected") {
     setStatus(ui.publishStatus, false, "Not sent: not connected.");
-    return;
+    return null;
   }
+  return subject;
+}
+
+function publishFromForm() {
+  const subject = sendableSubject("Type the subject to publish to.");
+  if (subject === null) return;
   const { data, json } = publishData();
   setStatus(ui.publishStatus, true, `Publishing to ${subject}…`);
   client.publish(subject, data, { json }).then(
@@ -713,16 +720,8 @@ function answerText(answer) {
 }
 
 function requestFromForm() {
-  const subject = ui.publishSubject.value.trim();
-  if (!subject) {
-    setStatus(ui.publishStatus, false, "Type the subject of the service to call.");
-    ui.publishSubject.focus();
-    return;
-  }
-  if (client.state !== "connected") {
-    setStatus(ui.publishStatus, false, "Not sent: not connected.");
-    return;
-  }
+  const subject = sendableSubject("Type the subject of the service to call.");
+  if (subject === null) return;
   const { data, json } = publishData();
   setStatus(ui.publishStatus, true, `Calling ${subject}…`);
   ui.requestAnswer.hidden = true;
