@@ -72,9 +72,7 @@ def encode_nats_message(msg: Msg, seq: int | None = None, time: str | None = Non
                         history: bool = False) -> bytes:
     """The UTF-8 JSON frame for one NATS message, built once and shared by all clients.
 
-    A JSON payload is spliced in verbatim (after validation) rather than
-    re-serialised: cheaper, and big integers or exact float spellings survive.
-    ``seq`` is the message's stream sequence when it came through JetStream
+    The payload goes in as ``payload_members`` says.  ``seq`` is the message's stream sequence when it came through JetStream
     (whose reply subject is JetStream's own, not the publisher's: not forwarded),
     and ``time`` when it was stored (RFC 3339); ``history`` marks a stored
     message sent because the client asked for history.

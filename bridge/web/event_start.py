@@ -2,7 +2,7 @@
 
 Everything goes through ``WSSManager.subscribe``, so the URL's subjects obey
 exactly what a socket's subscribe obeys (grammar, limits, policy, the stored
-shares, history), and any refusal is raised as ``NotFollowed`` for an HTTP
+shares, history), and any refusal is raised as ``access.Refused`` for an HTTP
 answer before the stream begins (the handler then releases whatever was
 already followed).  Stored subjects are followed first: a message that a
 stored and a core pattern both match arrives through the stored one, with
@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, cast
 from bridge.core.frames import BadFrame
 from bridge.core.sse import PENDING, EventIdError, id_head, parse_event_id, stream_key
 from bridge.core.subjects import patterns_overlap
+from bridge.web.access import Refused
 
 if TYPE_CHECKING:
     from bridge.core.sse import EventsQuery
@@ -38,16 +39,6 @@ if TYPE_CHECKING:
     from handler import WSSManager
 
 logger = logging.getLogger(__name__)
-
-
-class NotFollowed(Exception):
-    """The stream cannot begin as asked: the HTTP status, the refusal's reason and its words."""
-
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-        self.message = message
 
 
 @dataclass
@@ -64,7 +55,7 @@ Known = tuple[str, str, int]
 
 
 async def follow(manager: WSSManager, session: Session, query: EventsQuery) -> Start:
-    """Subscribe ``session`` to the URL's subjects, as asked; ``NotFollowed`` if any is refused.
+    """Subscribe ``session`` to the URL's subjects, as asked; ``Refused`` if any is refused.
 
     The stream's ids are set up first (``EventOutbox.track``): a stored message that arrives while
     the other subjects are being followed already has its id.
@@ -74,7 +65,7 @@ async def follow(manager: WSSManager, session: Session, query: EventsQuery) -> S
     for subject in subjects:
         refusal = session.perms.subscribe_refusal(subject)
         if refusal:
-            raise NotFollowed(403, "policy", refusal)
+            raise Refused(403, "policy", refusal)
     stored = await _stored(manager, subjects)
     order = [s for s in subjects if s in stored] + [s for s in subjects if s not in stored]
     if query.last_event_id is not None:
@@ -124,13 +115,13 @@ async def _subscribe(manager: WSSManager, session: Session, subjects: list[str],
     try:
         reply = await manager.subscribe(session, subjects, history=history)
     except BadFrame as exc:
-        raise NotFollowed(403 if exc.kind == "policy" else 400, exc.kind, exc.message) from None
+        raise Refused(403 if exc.kind == "policy" else 400, exc.kind, exc.message) from None
     if not reply["success"]:
         # A history larger than MAX_HISTORY is the request's to change; the rest (JetStream or
         # NATS not answering, no consumer to spare) may pass.
         if "(MAX_HISTORY)" in reply["message"]:
-            raise NotFollowed(400, "history", reply["message"])
-        raise NotFollowed(503, "unavailable", reply["message"])
+            raise Refused(400, "history", reply["message"])
+        raise Refused(503, "unavailable", reply["message"])
     return reply
 
 
@@ -189,7 +180,7 @@ async def _resume_one(manager: WSSManager, session: Session, subject: str, histo
     """One stored subject with its own history; what the subscribe reply says of it."""
     try:
         reply = await _subscribe(manager, session, [subject], history)
-    except NotFollowed as exc:
+    except Refused as exc:
         if exc.reason not in ("history", "unavailable"):
             raise
         # What was missed cannot be read now: follow it live, and say so.

@@ -32,7 +32,7 @@ from bridge.core.frames import dump
 from bridge.core.sse import QueryError, event, parse_query
 from bridge.hub.event_outbox import EventOutbox
 from bridge.web.access import MANAGER, Refused, admit, origin_allowed, refused
-from bridge.web.event_start import NotFollowed, Start, drop_history, follow
+from bridge.web.event_start import Start, drop_history, follow
 
 if TYPE_CHECKING:
     from bridge.core.sse import EventsQuery
@@ -112,10 +112,10 @@ async def _serve(request: web.Request, manager: WSSManager, user: Identity | Non
         try:
             start = await follow(manager, session, query)
             if outbox.closing:
-                raise NotFollowed(503, "unavailable", "The stream could not begin (too many messages "
-                                                      "meanwhile, or the bridge is stopping); try again")
-        except NotFollowed as exc:
-            answer = refused(request, Refused(exc.status, exc.reason, exc.message))
+                raise Refused(503, "unavailable", "The stream could not begin (too many messages "
+                                                  "meanwhile, or the bridge is stopping); try again")
+        except Refused as exc:
+            answer = refused(request, exc)
             answer.headers.update(cors)
             answer.force_close()  # the connection's reading is ours now (_watch_hang_up)
             return answer
