@@ -25,6 +25,7 @@ which these headers do not disturb).
 from __future__ import annotations
 
 from aiohttp import web
+from multidict import istr
 
 CONTENT_SECURITY_POLICY = "; ".join([
     "default-src 'none'",
@@ -38,11 +39,13 @@ CONTENT_SECURITY_POLICY = "; ".join([
     "frame-ancestors 'self'",
 ])
 
+# istr names, made once: the headers multidict then keeps these instead of folding a new copy of each
+# name for every response (the WebSocket's 101 lives as long as its connection).
 SECURITY_HEADERS = {
-    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
-    "X-Frame-Options": "SAMEORIGIN",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    istr("Content-Security-Policy"): CONTENT_SECURITY_POLICY,
+    istr("X-Frame-Options"): "SAMEORIGIN",
+    istr("X-Content-Type-Options"): "nosniff",
+    istr("Referrer-Policy"): "no-referrer",
 }
 
 
