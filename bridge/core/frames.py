@@ -72,10 +72,11 @@ def encode_nats_message(msg: Msg, seq: int | None = None, time: str | None = Non
                         history: bool = False) -> bytes:
     """The UTF-8 JSON frame for one NATS message, built once and shared by all clients.
 
-    The payload goes in as ``payload_members`` says.  ``seq`` is the message's stream sequence when it came through JetStream
-    (whose reply subject is JetStream's own, not the publisher's: not forwarded),
-    and ``time`` when it was stored (RFC 3339); ``history`` marks a stored
-    message sent because the client asked for history.
+    The payload goes in as ``payload_members`` says.  ``seq`` is the message's
+    stream sequence when it came through JetStream (whose reply subject is
+    JetStream's own, not the publisher's: not forwarded), and ``time`` when it
+    was stored (RFC 3339); ``history`` marks a stored message sent because the
+    client asked for history.
     """
     head = '{"subject":' + json.dumps(msg.subject, ensure_ascii=False)
     body = payload_members(msg.data)
