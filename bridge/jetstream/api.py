@@ -306,14 +306,6 @@ class JetStream:
         self.consumers.listed()
         return found
 
-    async def stream_storing(self, pattern: str) -> StreamInfo | None:
-        """The stream that stores ``pattern`` (see ``storing``), or None, JetStream or not."""
-        try:
-            return storing(await self.streams(), pattern)
-        except JetStreamError as exc:
-            logger.debug("no stream lookup for %s: %s", pattern, exc)
-            return None
-
     async def stream_info(self, name: str) -> StreamInfo:
         return _stream_info(await self.api(f"STREAM.INFO.{name}"))
 
