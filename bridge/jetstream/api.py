@@ -306,9 +306,6 @@ class JetStream:
         self.consumers.listed()
         return found
 
-    async def stream_info(self, name: str) -> StreamInfo:
-        return _stream_info(await self.api(f"STREAM.INFO.{name}"))
-
     async def create_consumer(self, stream: StreamInfo, kind: str, config: dict[str, Any]) -> dict[str, Any]:
         """A consumer within the budget; BudgetError when none may be made now."""
         self.consumers.check(kind, stream)
@@ -337,15 +334,6 @@ class JetStream:
         """The latest stored message matching ``pattern``: one call, no consumer."""
         try:
             answer = await self.api(f"STREAM.MSG.GET.{stream}", {"last_by_subj": pattern})
-        except JetStreamError as exc:
-            if exc.code == ERR_NO_MESSAGE:
-                return None
-            raise
-        return self._stored(answer)
-
-    async def message(self, stream: str, seq: int) -> Stored | None:
-        try:
-            answer = await self.api(f"STREAM.MSG.GET.{stream}", {"seq": seq})
         except JetStreamError as exc:
             if exc.code == ERR_NO_MESSAGE:
                 return None
