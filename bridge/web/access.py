@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from bridge.config import CONFIG
+from bridge.core.refusal import Refused
 from bridge.core.tokens import Identity, TokenError
 from bridge.process.keys import KEYS
 from bridge.process.metrics import LINK
@@ -210,16 +211,6 @@ def origin_refusal(origin: str) -> str:
         return ("Origin null (a sandboxed or file:// page) is not allowed; ALLOWED_ORIGINS=null "
                 "would let in every such page")
     return f"Origin {shown} is not allowed (add it to ALLOWED_ORIGINS)"
-
-
-class Refused(Exception):
-    """A request refused before it reaches the bridge: the HTTP status and what to say."""
-
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-        self.message = message
 
 
 def identify(request: web.Request) -> Identity | None:

@@ -24,8 +24,9 @@ from aiohttp import web
 
 from bridge.core.commands import DEFAULT_REASON, Command, Result, Target
 from bridge.core.frames import close_reason
+from bridge.core.refusal import Refused
 from bridge.plane.control_plane import PLANE
-from bridge.web.access import Refused, check_backend, refused
+from bridge.web.access import check_backend, refused
 
 logger = logging.getLogger(__name__)
 

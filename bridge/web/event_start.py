@@ -2,7 +2,7 @@
 
 Everything goes through ``WSSManager.subscribe``, so the URL's subjects obey
 exactly what a socket's subscribe obeys (grammar, limits, policy, the stored
-shares, history), and any refusal is raised as ``access.Refused`` for an HTTP
+shares, history), and any refusal is raised as ``Refused`` (core/refusal.py) for an HTTP
 answer before the stream begins (the handler then releases whatever was
 already followed).  Stored subjects are followed first: a message that a
 stored and a core pattern both match arrives through the stored one, with
@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from bridge.core.frames import BadFrame
+from bridge.core.refusal import Refused
 from bridge.core.sse import PENDING, EventIdError, id_head, parse_event_id, stream_key
 from bridge.core.subjects import patterns_overlap
-from bridge.web.access import Refused
 
 if TYPE_CHECKING:
     from bridge.core.sse import EventsQuery

@@ -29,9 +29,10 @@ from aiohttp import HttpVersion11, web
 
 from bridge.config import CONFIG
 from bridge.core.frames import dump
+from bridge.core.refusal import Refused
 from bridge.core.sse import QueryError, event, parse_query
 from bridge.hub.event_outbox import EventOutbox
-from bridge.web.access import MANAGER, Refused, admit, origin_allowed, refused
+from bridge.web.access import MANAGER, admit, origin_allowed, refused
 from bridge.web.event_start import Start, drop_history, follow
 
 if TYPE_CHECKING:
